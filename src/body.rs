@@ -1,0 +1,493 @@
+//! The body types the layer puts around requests and responses.
+//!
+//! [`RequestBody`] is what the inner service receives: the caller's body, recorded for one
+//! replay while it streams. [`ResponseBody`] is what the caller receives: the inner service's
+//! body untouched, or a buffered 401/403 prefix followed by the rest of the stream.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::mem;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+pin_project! {
+    /// The request body the layer hands to the inner service.
+    ///
+    /// On the first attempt it streams the caller's body unchanged (no added latency) while
+    /// keeping a copy of up to `max_replay_body_bytes`; on the retry it replays that copy. A
+    /// body larger than the limit streams just the same, it only cannot be retried.
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B> {
+        Empty,
+        Recording { #[pin] body: B, tape: Arc<Mutex<Tape>> },
+        Passthrough { #[pin] body: B },
+        Replay { chunks: VecDeque<Bytes>, trailers: Option<HeaderMap> },
+    }
+}
+
+impl<B> RequestBody<B>
+where
+    B: Body,
+{
+    /// Wraps `body` for a first attempt, recording up to `limit` bytes for a replay.
+    pub(crate) fn new(body: B, limit: usize) -> (Self, Replay) {
+        if body.is_end_stream() {
+            return (Self::empty(), Replay::Empty);
+        }
+        if body.size_hint().lower() > limit as u64 {
+            let kind = RequestKind::Passthrough { body };
+            return (Self { kind }, Replay::Impossible);
+        }
+        let tape = Arc::new(Mutex::new(Tape::new(limit)));
+        let kind = RequestKind::Recording {
+            body,
+            tape: tape.clone(),
+        };
+        (Self { kind }, Replay::Tape(tape))
+    }
+}
+
+impl<B> RequestBody<B> {
+    fn empty() -> Self {
+        Self {
+            kind: RequestKind::Empty,
+        }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            RequestKindProj::Empty => Poll::Ready(None),
+            RequestKindProj::Passthrough { body } => {
+                let frame = ready!(body.poll_frame(cx));
+                Poll::Ready(frame.map(|res| res.map(|frame| frame.map_data(into_bytes))))
+            }
+            RequestKindProj::Recording { mut body, tape } => {
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                let mut tape = tape.lock().unwrap_or_else(PoisonError::into_inner);
+                match frame {
+                    Some(Ok(frame)) => {
+                        let frame = frame.map_data(into_bytes);
+                        if let Some(data) = frame.data_ref() {
+                            tape.record(data);
+                        } else if let Some(trailers) = frame.trailers_ref() {
+                            tape.record_trailers(trailers);
+                        }
+                        if body.is_end_stream() {
+                            tape.end();
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Some(Err(error)) => {
+                        tape.fail();
+                        Poll::Ready(Some(Err(error)))
+                    }
+                    None => {
+                        tape.end();
+                        Poll::Ready(None)
+                    }
+                }
+            }
+            RequestKindProj::Replay { chunks, trailers } => {
+                if let Some(chunk) = chunks.pop_front() {
+                    Poll::Ready(Some(Ok(Frame::data(chunk))))
+                } else if let Some(trailers) = trailers.take() {
+                    Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                } else {
+                    Poll::Ready(None)
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Empty => true,
+            RequestKind::Recording { body, .. } | RequestKind::Passthrough { body } => {
+                body.is_end_stream()
+            }
+            RequestKind::Replay { chunks, trailers } => chunks.is_empty() && trailers.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Empty => SizeHint::with_exact(0),
+            RequestKind::Recording { body, .. } | RequestKind::Passthrough { body } => {
+                body.size_hint()
+            }
+            RequestKind::Replay { chunks, .. } => {
+                SizeHint::with_exact(chunks.iter().map(|c| c.len() as u64).sum())
+            }
+        }
+    }
+}
+
+impl<B> fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            RequestKind::Empty => "empty",
+            RequestKind::Recording { .. } => "recording",
+            RequestKind::Passthrough { .. } => "passthrough",
+            RequestKind::Replay { .. } => "replay",
+        };
+        f.debug_struct("RequestBody").field("kind", &kind).finish()
+    }
+}
+
+fn into_bytes<D: Buf>(mut data: D) -> Bytes {
+    // Free for `Bytes`: it splits off the whole buffer without copying.
+    let len = data.remaining();
+    data.copy_to_bytes(len)
+}
+
+/// The copy of a request body kept for a replay.
+pub(crate) struct Tape {
+    chunks: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+    len: usize,
+    limit: usize,
+    state: TapeState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum TapeState {
+    Recording,
+    Complete,
+    /// Over the limit or failed: no replay.
+    Lost,
+    /// Handed to a replay already.
+    Taken,
+}
+
+impl Tape {
+    fn new(limit: usize) -> Self {
+        Self {
+            chunks: Vec::new(),
+            trailers: None,
+            len: 0,
+            limit,
+            state: TapeState::Recording,
+        }
+    }
+
+    fn record(&mut self, data: &Bytes) {
+        if self.state != TapeState::Recording || data.is_empty() {
+            return;
+        }
+        self.len = self.len.saturating_add(data.len());
+        if self.len > self.limit {
+            self.lose();
+        } else {
+            self.chunks.push(data.clone());
+        }
+    }
+
+    fn record_trailers(&mut self, trailers: &HeaderMap) {
+        if self.state == TapeState::Recording {
+            self.trailers = Some(trailers.clone());
+        }
+    }
+
+    fn end(&mut self) {
+        if self.state == TapeState::Recording {
+            self.state = TapeState::Complete;
+        }
+    }
+
+    fn fail(&mut self) {
+        self.lose();
+    }
+
+    fn lose(&mut self) {
+        self.state = TapeState::Lost;
+        self.chunks = Vec::new();
+        self.trailers = None;
+    }
+}
+
+/// The layer's handle on a request body's replay.
+pub(crate) enum Replay {
+    /// The body was empty: it replays as empty.
+    Empty,
+    /// Over the limit before it started: no replay.
+    Impossible,
+    Tape(Arc<Mutex<Tape>>),
+}
+
+impl Replay {
+    /// A body for the retry, if the first attempt's body was recorded whole.
+    ///
+    /// A body the first attempt did not read to its end, one over the limit and one that
+    /// failed cannot be replayed.
+    pub(crate) fn take<B>(&mut self) -> Option<RequestBody<B>> {
+        match mem::replace(self, Replay::Impossible) {
+            Replay::Empty => Some(RequestBody::empty()),
+            Replay::Impossible => None,
+            Replay::Tape(tape) => {
+                let mut tape = tape.lock().unwrap_or_else(PoisonError::into_inner);
+                if tape.state != TapeState::Complete {
+                    return None;
+                }
+                tape.state = TapeState::Taken;
+                let chunks = mem::take(&mut tape.chunks).into();
+                let trailers = tape.trailers.take();
+                Some(RequestBody {
+                    kind: RequestKind::Replay { chunks, trailers },
+                })
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Replay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Replay::Empty => f.write_str("Empty"),
+            Replay::Impossible => f.write_str("Impossible"),
+            Replay::Tape(_) => f.write_str("Tape"),
+        }
+    }
+}
+
+pin_project! {
+    /// The response body the layer hands back.
+    ///
+    /// Responses the layer does not inspect keep their body as it is, streaming. A 401/403
+    /// whose body the layer buffered to classify it and then handed back yields the buffered
+    /// frames first and then the rest of the original stream, trailers and errors included:
+    /// nothing is lost.
+    pub struct ResponseBody<B>
+    where
+        B: Body,
+    {
+        #[pin]
+        kind: ResponseKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ResponseKindProj]
+    enum ResponseKind<B>
+    where
+        B: Body,
+    {
+        Inner { #[pin] body: B },
+        Rejoined {
+            prefix: VecDeque<Frame<B::Data>>,
+            error: Option<B::Error>,
+            rest: Option<Pin<Box<B>>>,
+        },
+    }
+}
+
+impl<B: Body> ResponseBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        Self {
+            kind: ResponseKind::Inner { body },
+        }
+    }
+
+    pub(crate) fn rejoined(buffered: Buffered<B>) -> Self {
+        Self {
+            kind: ResponseKind::Rejoined {
+                prefix: buffered.frames,
+                error: buffered.error,
+                rest: buffered.rest,
+            },
+        }
+    }
+}
+
+impl<B: Body> Body for ResponseBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        match self.project().kind.project() {
+            ResponseKindProj::Inner { body } => body.poll_frame(cx),
+            ResponseKindProj::Rejoined {
+                prefix,
+                error,
+                rest,
+            } => {
+                if let Some(frame) = prefix.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                if let Some(error) = error.take() {
+                    *rest = None;
+                    return Poll::Ready(Some(Err(error)));
+                }
+                match rest {
+                    Some(body) => {
+                        let frame = ready!(body.as_mut().poll_frame(cx));
+                        if frame.is_none() {
+                            *rest = None;
+                        }
+                        Poll::Ready(frame)
+                    }
+                    None => Poll::Ready(None),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.is_end_stream(),
+            ResponseKind::Rejoined {
+                prefix,
+                error,
+                rest,
+            } => {
+                prefix.is_empty()
+                    && error.is_none()
+                    && rest.as_ref().is_none_or(|body| body.is_end_stream())
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.size_hint(),
+            ResponseKind::Rejoined { prefix, rest, .. } => {
+                let buffered: u64 = prefix
+                    .iter()
+                    .filter_map(|frame| frame.data_ref().map(|d| d.remaining() as u64))
+                    .sum();
+                let rest = rest
+                    .as_ref()
+                    .map_or_else(|| SizeHint::with_exact(0), |body| body.size_hint());
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower().saturating_add(buffered));
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper.saturating_add(buffered));
+                }
+                hint
+            }
+        }
+    }
+}
+
+impl<B: Body> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            ResponseKind::Inner { .. } => "inner",
+            ResponseKind::Rejoined { .. } => "rejoined",
+        };
+        f.debug_struct("ResponseBody").field("kind", &kind).finish()
+    }
+}
+
+/// A 401/403 body read up to the limit: its first frames and what is left of it.
+pub(crate) struct Buffered<B: Body> {
+    pub(crate) frames: VecDeque<Frame<B::Data>>,
+    /// The error the body failed with while it was read.
+    pub(crate) error: Option<B::Error>,
+    /// The rest of the stream, `None` once it ended.
+    pub(crate) rest: Option<Pin<Box<B>>>,
+    /// Bytes of data buffered.
+    pub(crate) len: usize,
+    /// The limit was reached before the body ended.
+    pub(crate) overflow: bool,
+}
+
+impl<B: Body> Buffered<B> {
+    pub(crate) fn new(body: B) -> Self {
+        Self {
+            frames: VecDeque::new(),
+            error: None,
+            rest: Some(Box::pin(body)),
+            len: 0,
+            overflow: false,
+        }
+    }
+
+    /// Reads frames until the body ends, fails or passes `limit` bytes.
+    pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<()> {
+        loop {
+            let Some(body) = self.rest.as_mut() else {
+                return Poll::Ready(());
+            };
+            if self.overflow || self.error.is_some() {
+                return Poll::Ready(());
+            }
+            if body.is_end_stream() {
+                self.rest = None;
+                return Poll::Ready(());
+            }
+            match ready!(body.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        self.len = self.len.saturating_add(data.remaining());
+                        if self.len > limit {
+                            self.overflow = true;
+                        }
+                    }
+                    self.frames.push_back(frame);
+                }
+                Some(Err(error)) => self.error = Some(error),
+                None => self.rest = None,
+            }
+        }
+    }
+
+    /// Whether the whole body is buffered (it ended, within the limit, without error).
+    pub(crate) fn is_complete(&self) -> bool {
+        self.rest.is_none() && !self.overflow && self.error.is_none()
+    }
+
+    /// The buffered data as one slice: borrowed when it is one chunk, copied otherwise.
+    pub(crate) fn contiguous(&self) -> std::borrow::Cow<'_, [u8]> {
+        let mut data = self.frames.iter().filter_map(Frame::data_ref);
+        match (data.next(), data.next()) {
+            (None, _) => std::borrow::Cow::Borrowed(&[]),
+            (Some(only), None) if only.chunk().len() == only.remaining() => {
+                std::borrow::Cow::Borrowed(only.chunk())
+            }
+            _ => {
+                let mut out = Vec::with_capacity(self.len);
+                for chunk in self.frames.iter().filter_map(Frame::data_ref) {
+                    if chunk.chunk().len() == chunk.remaining() {
+                        out.extend_from_slice(chunk.chunk());
+                    } else {
+                        // A `Buf` may hold its bytes in several slices; read them without
+                        // consuming the frame, which is handed back intact.
+                        let mut slices = [std::io::IoSlice::new(&[]); 64];
+                        let n = chunk.chunks_vectored(&mut slices);
+                        for slice in &slices[..n] {
+                            out.extend_from_slice(slice);
+                        }
+                    }
+                }
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The response future: an unboxed state machine. Only the refresh wait is boxed, and it only
+//! exists on the stale-token path.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use http::{response, Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower::BoxError;
+use tower_service::Service;
+
+use crate::body::{Buffered, RequestBody, ResponseBody};
+use crate::classify::{Classify, Verdict};
+use crate::layer::Shared;
+use crate::refresh::{Outcome, RefreshReason, TokenRefresher, Wait};
+use crate::report::{RecoveryReport, Skip};
+use crate::service::Attempt;
+
+pin_project! {
+    /// The future of [`XaiOAuthRecovery`](crate::XaiOAuthRecovery).
+    pub struct ResponseFuture<S, ReqB, ResB, R, C>
+    where
+        S: Service<Request<RequestBody<ReqB>>>,
+        ResB: Body,
+    {
+        #[pin]
+        state: State<S::Future, ReqB, ResB>,
+        inner: S,
+        shared: Arc<Shared<R, C>>,
+        attempt: Option<Attempt>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, ReqB, ResB>
+    where
+        ResB: Body,
+    {
+        /// The credential expires soon: waiting for its refresh before the first attempt.
+        Expiring { wait: Wait, request: Option<Request<RequestBody<ReqB>>> },
+        /// The first attempt.
+        First { #[pin] future: F },
+        /// Reading a 401/403 body to classify it.
+        Buffering { parts: Option<response::Parts>, buffered: Option<Buffered<ResB>> },
+        /// Waiting for a newer credential.
+        Refreshing {
+            wait: Wait,
+            original: Option<(response::Parts, Buffered<ResB>, RecoveryReport)>,
+        },
+        /// Waiting for the inner service to be ready for the retry.
+        RetryReady { request: Option<Request<RequestBody<ReqB>>>, report: Option<RecoveryReport> },
+        /// The retry.
+        Retry { #[pin] future: F, report: Option<RecoveryReport> },
+        /// The request could not be sent.
+        Failed { error: Option<BoxError> },
+        Done,
+    }
+}
+
+impl<S, ReqB, ResB, R, C> ResponseFuture<S, ReqB, ResB, R, C>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    ResB: Body,
+{
+    pub(crate) fn first(
+        mut inner: S,
+        shared: Arc<Shared<R, C>>,
+        attempt: Attempt,
+        request: Request<RequestBody<ReqB>>,
+    ) -> Self {
+        let future = inner.call(request);
+        Self {
+            state: State::First { future },
+            inner,
+            shared,
+            attempt: Some(attempt),
+        }
+    }
+
+    pub(crate) fn expiring(
+        inner: S,
+        shared: Arc<Shared<R, C>>,
+        attempt: Attempt,
+        wait: Wait,
+        request: Request<RequestBody<ReqB>>,
+    ) -> Self {
+        Self {
+            state: State::Expiring {
+                wait,
+                request: Some(request),
+            },
+            inner,
+            shared,
+            attempt: Some(attempt),
+        }
+    }
+
+    pub(crate) fn failed(inner: S, shared: Arc<Shared<R, C>>, error: BoxError) -> Self {
+        Self {
+            state: State::Failed { error: Some(error) },
+            inner,
+            shared,
+            attempt: None,
+        }
+    }
+}
+
+impl<S, ReqB, ResB, R, C> Future for ResponseFuture<S, ReqB, ResB, R, C>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ReqB: Body,
+    ResB: Body,
+    R: TokenRefresher,
+    C: Classify,
+{
+    type Output = Result<Response<ResponseBody<ResB>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::First { future } => {
+                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    let shared = &**this.shared;
+                    if !shared.classifier.inspects(response.status()) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                    }
+                    let (parts, body) = response.into_parts();
+                    let limit = shared.max_error_body_bytes as u64;
+                    let declared = content_length(&parts.headers);
+                    if declared.is_some_and(|len| len > limit) || body.size_hint().lower() > limit {
+                        let report =
+                            report(this.attempt, Verdict::Unrecognized, Skip::ErrorBodyTooLarge);
+                        tracing::debug!(credential = %report.credential_id(), status = %parts.status, "error body over the limit: handed back unclassified");
+                        this.state.set(State::Done);
+                        let mut response = Response::from_parts(parts, ResponseBody::inner(body));
+                        response.extensions_mut().insert(report);
+                        return Poll::Ready(Ok(response));
+                    }
+                    this.state.set(State::Buffering {
+                        parts: Some(parts),
+                        buffered: Some(Buffered::new(body)),
+                    });
+                }
+                StateProj::Buffering { parts, buffered } => {
+                    let limit = this.shared.max_error_body_bytes;
+                    if let Some(buffered) = buffered.as_mut() {
+                        ready!(buffered.poll_fill(cx, limit));
+                    }
+                    let (Some(parts), Some(buffered)) = (parts.take(), buffered.take()) else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    match decide(this.shared, this.attempt, &parts, &buffered) {
+                        Decision::HandBack(report) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(hand_back(parts, buffered, report)));
+                        }
+                        Decision::Refresh(wait, report) => {
+                            this.state.set(State::Refreshing {
+                                wait,
+                                original: Some((parts, buffered, report)),
+                            });
+                        }
+                    }
+                }
+                StateProj::Refreshing { wait, original } => {
+                    let outcome = ready!(wait.as_mut().poll(cx));
+                    let Some((parts, buffered, report)) = original.take() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    let attempt = this.attempt.as_mut();
+                    let (current, refreshed) = match outcome {
+                        Outcome::Fresh { current, refreshed } => (current, refreshed),
+                        other => {
+                            let skip = match other {
+                                Outcome::BudgetExhausted => Skip::BudgetExhausted,
+                                Outcome::Dead => Skip::CredentialDead,
+                                _ => Skip::RefreshFailed,
+                            };
+                            let report = report.skip(skip);
+                            tracing::debug!(credential = %report.credential_id(), ?skip, "no retry");
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(hand_back(parts, buffered, report)));
+                        }
+                    };
+                    let report = report.set_refreshed(refreshed);
+                    let header = current.header.as_ref().ok().cloned();
+                    let retry = attempt.and_then(|attempt| {
+                        let header = header?;
+                        let body = attempt.replay.take::<ReqB>()?;
+                        let parts = attempt.retry.take()?;
+                        Some(parts.into_request(body, header))
+                    });
+                    match retry {
+                        Some(request) => {
+                            tracing::debug!(credential = %report.credential_id(), generation = current.generation, refreshed, "retrying with a newer credential");
+                            this.state.set(State::RetryReady {
+                                request: Some(request),
+                                report: Some(report.set_retried()),
+                            });
+                        }
+                        None => {
+                            let report = report.skip(Skip::BodyNotReplayable);
+                            tracing::debug!(credential = %report.credential_id(), "request body not replayable: no retry");
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(hand_back(parts, buffered, report)));
+                        }
+                    }
+                }
+                StateProj::RetryReady { request, report } => {
+                    ready!(this.inner.poll_ready(cx)).map_err(Into::into)?;
+                    let (Some(request), report) = (request.take(), report.take()) else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    let future = this.inner.call(request);
+                    this.state.set(State::Retry { future, report });
+                }
+                StateProj::Retry { future, report } => {
+                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    let mut response = response.map(ResponseBody::inner);
+                    if let Some(report) = report.take() {
+                        tracing::debug!(credential = %report.credential_id(), status = %response.status(), "retry answered");
+                        response.extensions_mut().insert(report);
+                    }
+                    this.state.set(State::Done);
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Expiring { wait, request } => {
+                    let outcome = ready!(wait.as_mut().poll(cx));
+                    let Some(mut request) = request.take() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    if let Outcome::Fresh { current, .. } = outcome {
+                        if let (Ok(header), Some(attempt)) =
+                            (&current.header, this.attempt.as_mut())
+                        {
+                            request.headers_mut().insert(AUTHORIZATION, header.clone());
+                            attempt.generation = current.generation;
+                            if let Some(retry) = attempt.retry.as_mut() {
+                                retry.set_authorization(header.clone());
+                            }
+                        }
+                    } else if let Some(attempt) = this.attempt.as_ref() {
+                        tracing::debug!(credential = %attempt.credential_id(), ?outcome, "refresh ahead of expiry did not happen: sending with the current token");
+                    }
+                    // `poll_ready` readied `inner` before `call` stored it here.
+                    let future = this.inner.call(request);
+                    this.state.set(State::First { future });
+                }
+                StateProj::Failed { error } => {
+                    let error = error.take().unwrap_or_else(polled_after_completion);
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(error));
+                }
+                StateProj::Done => return Poll::Ready(Err(polled_after_completion())),
+            }
+        }
+    }
+}
+
+impl<S, ReqB, ResB, R, C> fmt::Debug for ResponseFuture<S, ReqB, ResB, R, C>
+where
+    S: Service<Request<RequestBody<ReqB>>>,
+    ResB: Body,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Expiring { .. } => "expiring",
+            State::First { .. } => "first",
+            State::Buffering { .. } => "buffering",
+            State::Refreshing { .. } => "refreshing",
+            State::RetryReady { .. } => "retry_ready",
+            State::Retry { .. } => "retry",
+            State::Failed { .. } => "failed",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Decision {
+    HandBack(RecoveryReport),
+    Refresh(Wait, RecoveryReport),
+}
+
+/// Classifies a buffered 401/403 and decides what to do about it.
+fn decide<R, C, B>(
+    shared: &Shared<R, C>,
+    attempt: &Option<Attempt>,
+    parts: &response::Parts,
+    buffered: &Buffered<B>,
+) -> Decision
+where
+    R: TokenRefresher,
+    C: Classify,
+    B: Body,
+{
+    if !buffered.is_complete() {
+        let skip = if buffered.overflow {
+            Skip::ErrorBodyTooLarge
+        } else {
+            Skip::ErrorBodyFailed
+        };
+        let report = report(attempt, Verdict::Unrecognized, skip);
+        tracing::debug!(credential = %report.credential_id(), status = %parts.status, ?skip, "error body not classified: handed back as it came");
+        return Decision::HandBack(report);
+    }
+    let verdict = shared
+        .classifier
+        .classify(parts.status, &parts.headers, &buffered.contiguous());
+    let id = attempt
+        .as_ref()
+        .map(Attempt::credential_id)
+        .unwrap_or_else(|| Arc::from(""));
+    let report = RecoveryReport::new(verdict.clone(), id);
+    let reason = match verdict {
+        Verdict::StaleToken(reason) => reason,
+        Verdict::Entitlement => {
+            tracing::warn!(credential = %report.credential_id(), status = %parts.status, ?verdict, "the account has no active Grok subscription: not refreshing");
+            return Decision::HandBack(report.skip(Skip::Entitlement));
+        }
+        Verdict::Billing => {
+            tracing::warn!(credential = %report.credential_id(), status = %parts.status, ?verdict, "the account is out of credits: not refreshing");
+            return Decision::HandBack(report.skip(Skip::Billing));
+        }
+        _ => {
+            tracing::debug!(credential = %report.credential_id(), status = %parts.status, ?verdict, "unrecognized: not refreshing");
+            return Decision::HandBack(report.skip(Skip::Unrecognized));
+        }
+    };
+    let slot = attempt
+        .as_ref()
+        .and_then(|attempt| Some((attempt.slot(shared)?, attempt.generation)));
+    match slot {
+        Some((slot, generation)) => {
+            tracing::debug!(credential = %report.credential_id(), status = %parts.status, reason = ?reason, "stale token: asking for a newer credential");
+            let wait =
+                shared
+                    .refresh
+                    .newer_than(&slot, generation, RefreshReason::StaleToken(reason));
+            Decision::Refresh(wait, report)
+        }
+        None => {
+            tracing::debug!(credential = %report.credential_id(), "the credential was removed: no refresh");
+            Decision::HandBack(report.skip(Skip::RefreshFailed))
+        }
+    }
+}
+
+fn report(attempt: &Option<Attempt>, verdict: Verdict, skip: Skip) -> RecoveryReport {
+    let id = attempt
+        .as_ref()
+        .map(Attempt::credential_id)
+        .unwrap_or_else(|| Arc::from(""));
+    RecoveryReport::new(verdict, id).skip(skip)
+}
+
+fn hand_back<B: Body>(
+    parts: response::Parts,
+    buffered: Buffered<B>,
+    report: RecoveryReport,
+) -> Response<ResponseBody<B>> {
+    let mut response = Response::from_parts(parts, ResponseBody::rejoined(buffered));
+    response.extensions_mut().insert(report);
+    response
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn polled_after_completion() -> BoxError {
+    "response future polled after completion".into()
+}

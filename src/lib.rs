@@ -1,0 +1,106 @@
+//! A [tower] middleware that keeps long-running xAI API clients alive when their OAuth access
+//! token goes stale.
+//!
+//! xAI answers HTTP 403 with the same `code` text for a stale OAuth access token and for an
+//! account without an active Grok subscription; only the body's `error` tells them apart
+//! (`[WKE=unauthenticated:bad-credentials]` for the stale token). [`XaiOAuthRecoveryLayer`]
+//! wraps any tower HTTP client service, buffers 401/403 bodies, [classifies](classify) them, and
+//! for a stale token asks your [`TokenRefresher`] for a new credential before retrying the
+//! request once:
+//!
+//! - one refresher call per credential however many requests fail at once (single flight with a
+//!   generation guard), surviving the cancellation of the request that started it;
+//! - at most [`RefreshBudget`] refreshes per credential per window (default 3 per 5 minutes),
+//!   and none at all for a credential a terminal [`RefreshError`] marked dead;
+//! - exactly one retry per request, with the request body replayed from a copy kept while it
+//!   streamed to the first attempt;
+//! - entitlement, billing and unrecognized responses come back untouched, body and all, with a
+//!   [`RecoveryReport`] in their extensions that explains the outcome to a person.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
+//! use xai_oauth_recovery::{body::RequestBody, Credential, Credentials, RecoveryReport, RefreshRequest, XaiOAuthRecoveryLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! // A stand-in for xAI: "token-1" is stale, "token-2" works.
+//! let xai = service_fn(|req: Request<RequestBody<Full<Bytes>>>| async move {
+//!     let auth = req.headers()["authorization"].to_str().unwrap_or_default().to_owned();
+//!     let response = if auth == "Bearer token-2" {
+//!         Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")))
+//!     } else {
+//!         let body = r#"{"code":"The caller does not have permission to execute the specified operation","error":"The OAuth2 access token could not be validated. [WKE=unauthenticated:bad-credentials]"}"#;
+//!         let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+//!         *response.status_mut() = StatusCode::FORBIDDEN;
+//!         response
+//!     };
+//!     Ok::<_, Infallible>(response)
+//! });
+//!
+//! let credentials = Credentials::new(Credential::new("default", "token-1"));
+//! let refresher = service_fn(|req: RefreshRequest| async move {
+//!     Ok::<_, BoxError>(Credential::new(req.stale().id(), "token-2"))
+//! });
+//! let mut client = ServiceBuilder::new()
+//!     .layer(XaiOAuthRecoveryLayer::new(credentials.clone(), refresher))
+//!     .service(xai);
+//!
+//! let request = Request::post("https://api.x.ai/v1/chat/completions")
+//!     .body(Full::new(Bytes::from_static(b"{\"model\":\"grok-4\"}")))?;
+//! let response = client.ready().await?.call(request).await?;
+//!
+//! assert_eq!(response.status(), StatusCode::OK);
+//! let report = response.extensions().get::<RecoveryReport>().cloned();
+//! assert!(report.is_some_and(|r| r.retried() && r.refreshed()));
+//! assert_eq!(response.into_body().collect().await?.to_bytes(), "{\"ok\":true}");
+//! assert_eq!(credentials.default_credential().access_token().secret(), "token-2");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # The request's path
+//!
+//! 1. The credential is the one named by a [`CredentialId`] extension, else the default one. If
+//!    it is known to expire within the refresh-ahead window (default 5 minutes), it is
+//!    refreshed first, through the same single flight and budget.
+//! 2. `Authorization: Bearer <token>` (marked sensitive) replaces any the caller set, and the
+//!    request goes to the inner service while its body is recorded for one replay.
+//! 3. Any status but 401/403 comes back untouched, its body streaming.
+//! 4. A 401/403 body is buffered up to `max_error_body_bytes` and classified. A stale token
+//!    waits for a credential newer than the one the request used, then the request is retried
+//!    once and the retry's response returned, whatever it is. Everything else comes back with
+//!    its whole body: the buffered prefix, then the rest of the stream.
+//! 5. Every response whose first attempt was a 401/403 carries a [`RecoveryReport`].
+//!
+//! [tower]: https://docs.rs/tower
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod budget;
+mod classify;
+mod credential;
+mod future;
+mod layer;
+mod refresh;
+mod report;
+mod service;
+
+pub mod body;
+
+pub use budget::RefreshBudget;
+pub use classify::{classify, Classify, StaleReason, Verdict, XaiClassifier};
+pub use credential::{
+    AccessToken, Credential, CredentialError, CredentialId, CredentialUpdates, Credentials,
+    RefreshToken,
+};
+pub use future::ResponseFuture;
+pub use layer::XaiOAuthRecoveryLayer;
+pub use refresh::{RefreshError, RefreshReason, RefreshRequest, TokenRefresher};
+pub use report::{RecoveryReport, Skip};
+pub use service::XaiOAuthRecovery;
+
+/// The error type of boxed errors, as in tower.
+pub use tower::BoxError;

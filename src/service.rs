@@ -1,0 +1,240 @@
+//! The middleware service.
+
+use std::fmt;
+use std::mem;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::AUTHORIZATION;
+use http::{Extensions, HeaderMap, Method, Request, Response, Uri, Version};
+use http_body::Body;
+use tower::BoxError;
+use tower_service::Service;
+
+use crate::body::{Replay, RequestBody, ResponseBody};
+use crate::classify::{Classify, XaiClassifier};
+use crate::credential::{CredentialError, CredentialId, Credentials, Slot};
+use crate::future::ResponseFuture;
+use crate::layer::{Settings, Shared};
+use crate::refresh::{RefreshReason, TokenRefresher};
+
+/// Sets `Authorization: Bearer <token>` on every request and recovers from stale-token
+/// 401/403 responses: one refresh per credential however many requests fail at once, within a
+/// per-credential budget, and one retry per request.
+///
+/// Made by [`XaiOAuthRecoveryLayer`](crate::XaiOAuthRecoveryLayer); see the crate docs for the
+/// request's whole path.
+///
+/// # The `Authorization` header
+///
+/// The layer owns authorization: it replaces any `Authorization` header the caller set with the
+/// bearer token of the request's credential (the one named by a [`CredentialId`] extension,
+/// else the default one). The header value is built once per credential generation, marked
+/// sensitive, and cloned into each request.
+///
+/// # Errors
+///
+/// The service's error is a [`BoxError`]: the inner service's error as it was, or a
+/// [`CredentialError`] when the request names a credential that does not exist or whose token
+/// cannot be a header value. Refresh failures are never errors: the original response comes
+/// back with a [`RecoveryReport`](crate::RecoveryReport) that says what happened.
+pub struct XaiOAuthRecovery<S, R, C = XaiClassifier> {
+    inner: S,
+    shared: Arc<Shared<R, C>>,
+}
+
+impl<S, R> XaiOAuthRecovery<S, R> {
+    /// Wraps `inner` with xAI's classifier and the default bounds. To change them, use
+    /// [`XaiOAuthRecoveryLayer`](crate::XaiOAuthRecoveryLayer).
+    pub fn new(inner: S, credentials: Credentials, refresher: R) -> Self {
+        let shared = Shared::new(credentials, refresher, XaiClassifier, &Settings::default());
+        Self::from_shared(inner, Arc::new(shared))
+    }
+}
+
+impl<S, R, C> XaiOAuthRecovery<S, R, C> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<R, C>>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The credentials the service uses.
+    pub fn credentials(&self) -> &Credentials {
+        &self.shared.refresh.credentials
+    }
+}
+
+impl<S: Clone, R, C> Clone for XaiOAuthRecovery<S, R, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, R, C: fmt::Debug> fmt::Debug for XaiOAuthRecovery<S, R, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("XaiOAuthRecovery")
+            .field("inner", &self.inner)
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl<S, R, C, ReqB, ResB> Service<Request<ReqB>> for XaiOAuthRecovery<S, R, C>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    ReqB: Body,
+    ResB: Body,
+    R: TokenRefresher,
+    C: Classify,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, ReqB, ResB, R, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        // Call the instance `poll_ready` readied; keep a clone for the next call.
+        let clone = self.inner.clone();
+        let inner = mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+
+        let named = request.extensions().get::<CredentialId>().cloned();
+        let looked_up;
+        let slot: &Arc<Slot> = match &named {
+            None => shared.refresh.credentials.default_slot(),
+            Some(id) => match shared.refresh.credentials.slot(id.as_str()) {
+                Some(slot) => {
+                    looked_up = slot;
+                    &looked_up
+                }
+                None => {
+                    let error = CredentialError::unknown(id.as_str());
+                    return ResponseFuture::failed(inner, shared, error.into());
+                }
+            },
+        };
+        let current = slot.load();
+        let header = match &current.header {
+            Ok(header) => header.clone(),
+            Err(error) => return ResponseFuture::failed(inner, shared, error.clone().into()),
+        };
+        let generation = current.generation;
+        let expiring = !current.dead && current.expires_within(shared.refresh_ahead);
+        drop(current);
+
+        let (mut parts, body) = request.into_parts();
+        parts.headers.insert(AUTHORIZATION, header);
+        let (body, replay) = RequestBody::new(body, shared.max_replay_body_bytes);
+        let retry = RetryParts {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            extensions: parts.extensions.clone(),
+        };
+        let request = Request::from_parts(parts, body);
+        let attempt = Attempt {
+            id: named,
+            slot_id: slot.id.clone(),
+            generation,
+            retry: Some(retry),
+            replay,
+        };
+        if expiring {
+            let wait = shared
+                .refresh
+                .newer_than(slot, generation, RefreshReason::ExpiresSoon);
+            return ResponseFuture::expiring(inner, shared, attempt, wait, request);
+        }
+        ResponseFuture::first(inner, shared, attempt, request)
+    }
+}
+
+/// What a request needs for its one retry.
+pub(crate) struct Attempt {
+    /// The credential the request named, `None` for the default one.
+    pub(crate) id: Option<CredentialId>,
+    pub(crate) slot_id: Arc<str>,
+    /// The generation of the credential the request was sent with.
+    pub(crate) generation: u64,
+    pub(crate) retry: Option<RetryParts>,
+    pub(crate) replay: Replay,
+}
+
+impl Attempt {
+    pub(crate) fn slot<R, C>(&self, shared: &Shared<R, C>) -> Option<Arc<Slot>> {
+        let credentials = &shared.refresh.credentials;
+        match &self.id {
+            None => Some(credentials.default_slot().clone()),
+            Some(id) => credentials.slot(id.as_str()),
+        }
+    }
+
+    pub(crate) fn credential_id(&self) -> Arc<str> {
+        match &self.id {
+            None => self.slot_id.clone(),
+            Some(id) => id.as_arc().clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attempt")
+            .field("credential", &self.slot_id)
+            .field("generation", &self.generation)
+            .field("replay", &self.replay)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The request's head, kept for the retry (the body is replayed separately).
+pub(crate) struct RetryParts {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    extensions: Extensions,
+}
+
+impl RetryParts {
+    pub(crate) fn set_authorization(&mut self, authorization: http::HeaderValue) {
+        self.headers.insert(AUTHORIZATION, authorization);
+    }
+
+    pub(crate) fn into_request<B>(
+        self,
+        body: RequestBody<B>,
+        authorization: http::HeaderValue,
+    ) -> Request<RequestBody<B>> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers;
+        *request.extensions_mut() = self.extensions;
+        request.headers_mut().insert(AUTHORIZATION, authorization);
+        request
+    }
+}
