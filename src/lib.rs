@@ -91,6 +91,9 @@ mod report;
 mod service;
 
 pub mod body;
+#[cfg(feature = "mock")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
+pub mod mock;
 
 pub use budget::RefreshBudget;
 pub use classify::{classify, Classify, StaleReason, Verdict, XaiClassifier};
