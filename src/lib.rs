@@ -86,6 +86,7 @@ mod classify;
 mod credential;
 mod future;
 mod layer;
+mod oauth2;
 mod refresh;
 mod report;
 mod service;
@@ -100,6 +101,7 @@ pub use credential::{
 };
 pub use future::ResponseFuture;
 pub use layer::XaiOAuthRecoveryLayer;
+pub use oauth2::OAuth2Refresher;
 pub use refresh::{RefreshError, RefreshReason, RefreshRequest, TokenRefresher};
 pub use report::{RecoveryReport, Skip};
 pub use service::XaiOAuthRecovery;
