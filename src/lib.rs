@@ -30,6 +30,8 @@
 //! // A stand-in for xAI: "token-1" is stale, "token-2" works.
 //! let xai = service_fn(|req: Request<RequestBody<Full<Bytes>>>| async move {
 //!     let auth = req.headers()["authorization"].to_str().unwrap_or_default().to_owned();
+//!     // Like a server, read the request body: the layer replays what the first attempt read.
+//!     req.into_body().collect().await?;
 //!     let response = if auth == "Bearer token-2" {
 //!         Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")))
 //!     } else {
@@ -86,6 +88,7 @@ mod classify;
 mod credential;
 mod future;
 mod layer;
+mod oauth2;
 mod refresh;
 mod report;
 mod service;
@@ -103,6 +106,7 @@ pub use credential::{
 };
 pub use future::ResponseFuture;
 pub use layer::XaiOAuthRecoveryLayer;
+pub use oauth2::OAuth2Refresher;
 pub use refresh::{RefreshError, RefreshReason, RefreshRequest, TokenRefresher};
 pub use report::{RecoveryReport, Skip};
 pub use service::XaiOAuthRecovery;
