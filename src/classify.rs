@@ -55,7 +55,43 @@ impl Classify for XaiClassifier {
 }
 
 /// Classifies an xAI response.
-pub fn classify(status: StatusCode, _headers: &HeaderMap, _body: &[u8]) -> Verdict {
+pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Verdict {
+    if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
+        return Verdict::Unrecognized;
+    }
+    let lower = body.to_ascii_lowercase();
+    let has = |n: &str| memchr::memmem::find(&lower, n.as_bytes()).is_some();
+    if let Some(i) = memchr::memmem::find(&lower, b"unauthenticated:") {
+        let rest = &lower[i + 16..];
+        let end = rest
+            .iter()
+            .position(|b| matches!(b, b']' | b'"') || b.is_ascii_whitespace())
+            .unwrap_or(rest.len());
+        if end > 0 {
+            return Verdict::StaleToken(StaleReason::Wke(
+                String::from_utf8_lossy(&rest[..end]).into_owned(),
+            ));
+        }
+    }
+    if has("oauth2 access token could not be validated") {
+        return Verdict::StaleToken(StaleReason::TokenNotValidated);
+    }
+    for v in headers.get_all(http::header::WWW_AUTHENTICATE) {
+        let v = v.as_bytes().to_ascii_lowercase();
+        if memchr::memmem::find(&v, b"bearer").is_some()
+            && memchr::memmem::find(&v, b"invalid_token").is_some()
+        {
+            return Verdict::StaleToken(StaleReason::InvalidToken);
+        }
+    }
+    if has("personal-team-blocked") || has("spending-limit") {
+        return Verdict::Billing;
+    }
+    if has("do not have an active grok subscription")
+        || (has("grok") && (has("out of available resources") || has("does not have permission")))
+    {
+        return Verdict::Entitlement;
+    }
     if status == StatusCode::UNAUTHORIZED {
         Verdict::StaleToken(StaleReason::Unauthorized)
     } else {
