@@ -113,3 +113,8 @@ pub use service::XaiOAuthRecovery;
 
 /// The error type of boxed errors, as in tower.
 pub use tower::BoxError;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
