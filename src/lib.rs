@@ -97,6 +97,9 @@ pub mod body;
 #[cfg(feature = "mock")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
 pub mod mock;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 
 pub use budget::RefreshBudget;
 pub use classify::{classify, Classify, StaleReason, Verdict, XaiClassifier};
