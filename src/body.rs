@@ -66,6 +66,44 @@ impl<B> RequestBody<B> {
             kind: RequestKind::Empty,
         }
     }
+
+    /// Takes the whole body as bytes when it is all in memory: an empty body, a replay without
+    /// trailers, or a body whose bytes `whole` can tell without polling it. A first attempt's
+    /// body is recorded for the replay as if it had streamed, and the body is left empty.
+    /// `None` leaves any other body as it was.
+    ///
+    /// For clients that treat a body held in memory better than a stream (reqwest can clone a
+    /// request with such a body, to follow a redirect or to retry it).
+    #[cfg(any(feature = "reqwest", test))]
+    pub(crate) fn take_whole(&mut self, whole: impl FnOnce(&B) -> Option<Bytes>) -> Option<Bytes> {
+        let bytes = match &mut self.kind {
+            RequestKind::Empty => Bytes::new(),
+            RequestKind::Replay {
+                chunks,
+                trailers: None,
+            } => match chunks.len() {
+                0 => Bytes::new(),
+                1 => chunks.pop_front().unwrap_or_default(),
+                _ => {
+                    let len = chunks.iter().map(Bytes::len).sum();
+                    let mut all = bytes::BytesMut::with_capacity(len);
+                    chunks.iter().for_each(|chunk| all.extend_from_slice(chunk));
+                    all.freeze()
+                }
+            },
+            RequestKind::Replay { .. } => return None,
+            RequestKind::Recording { body, tape } => {
+                let bytes = whole(body)?;
+                let mut tape = tape.lock().unwrap_or_else(PoisonError::into_inner);
+                tape.record(&bytes);
+                tape.end();
+                bytes
+            }
+            RequestKind::Passthrough { body } => whole(body)?,
+        };
+        self.kind = RequestKind::Empty;
+        Some(bytes)
+    }
 }
 
 impl<B> Body for RequestBody<B>
@@ -489,5 +527,60 @@ impl<B: Body> Buffered<B> {
                 std::borrow::Cow::Owned(out)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    fn replay(chunks: &[&'static str], trailers: Option<HeaderMap>) -> RequestBody<Full<Bytes>> {
+        RequestBody {
+            kind: RequestKind::Replay {
+                chunks: chunks
+                    .iter()
+                    .map(|c| Bytes::from_static(c.as_bytes()))
+                    .collect(),
+                trailers,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_taken_whole_is_recorded_for_the_replay() {
+        let (mut body, mut replay) = RequestBody::new(Full::new(Bytes::from_static(b"hello")), 64);
+        let whole = body.take_whole(|_| Some(Bytes::from_static(b"hello")));
+        assert_eq!(whole.as_deref(), Some(&b"hello"[..]));
+        assert!(body.is_end_stream());
+
+        let again = replay
+            .take::<Full<Bytes>>()
+            .map(|mut body| body.take_whole(|_| None));
+        assert_eq!(again.flatten().as_deref(), Some(&b"hello"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_body_not_whole_streams_and_records_as_before() {
+        let (mut body, mut replay) = RequestBody::new(Full::new(Bytes::from_static(b"hello")), 64);
+        assert_eq!(body.take_whole(|_| None), None);
+        let sent = body.collect().await.map(|c| c.to_bytes());
+        assert_eq!(sent.ok().as_deref(), Some(&b"hello"[..]));
+        let replayed = match replay.take::<Full<Bytes>>() {
+            Some(body) => body.collect().await.map(|c| c.to_bytes()).ok(),
+            None => None,
+        };
+        assert_eq!(replayed.as_deref(), Some(&b"hello"[..]));
+    }
+
+    #[test]
+    fn replays_join_their_chunks_unless_they_have_trailers() {
+        let mut body = replay(&["he", "ll", "o"], None);
+        assert_eq!(body.take_whole(|_| None).as_deref(), Some(&b"hello"[..]));
+        let mut body = replay(&[], None);
+        assert_eq!(body.take_whole(|_| None).as_deref(), Some(&b""[..]));
+        let mut body = replay(&["hello"], Some(HeaderMap::new()));
+        assert_eq!(body.take_whole(|_| None), None);
+        assert_eq!(body.size_hint().exact(), Some(5));
     }
 }

@@ -125,40 +125,46 @@ impl<R> XaiOAuthRecoveryLayer<R> {
     }
 }
 
+/// Generates the builder methods that change [`Settings`], for the layer and for the other
+/// front ends built on the same core. The type must have a method
+/// `map_settings(self, f: impl FnOnce(&mut Settings)) -> Self`.
+macro_rules! settings_builders {
+    () => {
+        /// At most this many refreshes per credential per window (default: 3 per 5 minutes).
+        pub fn refresh_budget(self, budget: $crate::RefreshBudget) -> Self {
+            self.map_settings(|settings| settings.budget = budget)
+        }
+
+        /// How long a refresh may take before every request waiting on it gives up on it
+        /// (default: 20 seconds).
+        pub fn refresh_timeout(self, timeout: ::std::time::Duration) -> Self {
+            self.map_settings(|settings| settings.refresh_timeout = timeout)
+        }
+
+        /// Refresh a credential before sending a request when its access token expires within
+        /// this window (default: 5 minutes). A zero window refreshes only tokens already expired.
+        pub fn refresh_ahead(self, ahead: ::std::time::Duration) -> Self {
+            self.map_settings(|settings| settings.refresh_ahead = ahead)
+        }
+
+        /// Buffer at most this many bytes of a 401/403 body to classify it (default: 64 KiB).
+        /// A larger body is handed back whole, unclassified.
+        pub fn max_error_body_bytes(self, max: usize) -> Self {
+            self.map_settings(|settings| settings.max_error_body_bytes = max)
+        }
+
+        /// Keep at most this many bytes of a request body for a retry (default: 1 MiB). A larger
+        /// body is sent just the same but cannot be retried.
+        pub fn max_replay_body_bytes(self, max: usize) -> Self {
+            self.map_settings(|settings| settings.max_replay_body_bytes = max)
+        }
+    };
+}
+#[cfg(feature = "reqwest")]
+pub(crate) use settings_builders;
+
 impl<R, C> XaiOAuthRecoveryLayer<R, C> {
-    /// At most this many refreshes per credential per window (default: 3 per 5 minutes).
-    pub fn refresh_budget(mut self, budget: RefreshBudget) -> Self {
-        self.settings.budget = budget;
-        self
-    }
-
-    /// How long a refresh may take before every request waiting on it gives up on it
-    /// (default: 20 seconds).
-    pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
-        self.settings.refresh_timeout = timeout;
-        self
-    }
-
-    /// Refresh a credential before sending a request when its access token expires within this
-    /// window (default: 5 minutes). A zero window refreshes only tokens already expired.
-    pub fn refresh_ahead(mut self, ahead: Duration) -> Self {
-        self.settings.refresh_ahead = ahead;
-        self
-    }
-
-    /// Buffer at most this many bytes of a 401/403 body to classify it (default: 64 KiB).
-    /// A larger body is handed back whole, unclassified.
-    pub fn max_error_body_bytes(mut self, max: usize) -> Self {
-        self.settings.max_error_body_bytes = max;
-        self
-    }
-
-    /// Keep at most this many bytes of a request body for a retry (default: 1 MiB). A larger
-    /// body is sent just the same but cannot be retried.
-    pub fn max_replay_body_bytes(mut self, max: usize) -> Self {
-        self.settings.max_replay_body_bytes = max;
-        self
-    }
+    settings_builders!();
 
     /// Uses another classifier, for example one for another OAuth provider.
     pub fn classifier<C2: Classify>(self, classifier: C2) -> XaiOAuthRecoveryLayer<R, C2> {
@@ -174,19 +180,32 @@ impl<R, C> XaiOAuthRecoveryLayer<R, C> {
     pub fn credentials(&self) -> &Credentials {
         &self.credentials
     }
+
+    pub(crate) fn map_settings(mut self, f: impl FnOnce(&mut Settings)) -> Self {
+        f(&mut self.settings);
+        self
+    }
+
+    /// What the services share, built from the layer's configuration.
+    pub(crate) fn shared(&self) -> Shared<R, C>
+    where
+        R: Clone,
+        C: Clone,
+    {
+        Shared::new(
+            self.credentials.clone(),
+            self.refresher.clone(),
+            self.classifier.clone(),
+            &self.settings,
+        )
+    }
 }
 
 impl<S, R: Clone, C: Clone> Layer<S> for XaiOAuthRecoveryLayer<R, C> {
     type Service = XaiOAuthRecovery<S, R, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let shared = Shared::new(
-            self.credentials.clone(),
-            self.refresher.clone(),
-            self.classifier.clone(),
-            &self.settings,
-        );
-        XaiOAuthRecovery::from_shared(inner, Arc::new(shared))
+        XaiOAuthRecovery::from_shared(inner, Arc::new(self.shared()))
     }
 }
 

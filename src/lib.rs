@@ -78,6 +78,104 @@
 //!    its whole body: the buffered prefix, then the rest of the stream.
 //! 5. Every response whose first attempt was a 401/403 carries a [`RecoveryReport`].
 //!
+//! # Clients
+//!
+//! - Any tower HTTP client service whose request body type is the layer's
+//!   [`RequestBody<B>`](body::RequestBody): a hyper-util legacy
+//!   `Client<HttpConnector, RequestBody<Full<Bytes>>>` for example (`examples/hyper_client.rs`).
+//! - reqwest, through reqwest-middleware: `xai_oauth_recovery::reqwest::XaiOAuthRecoveryMiddleware`
+//!   (feature `reqwest`) runs the same service over the rest of the middleware chain.
+//! - Tests and demos: `xai_oauth_recovery::mock::MockXai` (feature `mock`), a loopback stand-in
+//!   for xAI's API and token endpoint.
+//!
+//! # Where the layer goes in a stack
+//!
+//! Outermost first:
+//!
+//! ```text
+//! TraceLayer                 tower-http: one span per call, the layer's retry included
+//!   generic retry            tower::retry: 5xx and errors; each retry goes through the layer
+//!     XaiOAuthRecoveryLayer  Authorization, 401/403 classification, refresh, one retry
+//!       TimeoutLayer         tower::timeout: bounds each attempt
+//!         DecompressionLayer tower-http: the layer reads decompressed 401/403 bodies
+//!           client           hyper-util legacy Client<_, RequestBody<B>>
+//! ```
+//!
+//! - **Decompression below the layer.** The layer classifies a 401/403 by its body; a gzip body
+//!   reads as noise, so above the layer decompression would leave a stale token unrecognised
+//!   and unrecovered (the caller would get the decompressed 403, nothing else). Below it,
+//!   `DecompressionLayer` also asks for compression (`Accept-Encoding`), and the layer sees the
+//!   decoded bytes. It changes only the response body type, which the layer passes on.
+//! - **Request bodies below the layer are the layer's.** Everything under the layer receives
+//!   [`RequestBody<B>`](body::RequestBody), which records the body for the replay while it
+//!   streams: the client must be built for that body type (or for what the layers in between
+//!   turn it into), and a layer in between must not consume the body before the client sends it.
+//! - **A timeout below the layer** bounds each attempt; the wait for a refresh has its own bound
+//!   (`refresh_timeout`). Use tower's `TimeoutLayer` there: tower-http's answers a 408 with a
+//!   `Default` body, and hyper's `Incoming` body has no default. To bound a whole call,
+//!   refresh and retry included, add a timeout above the layer too.
+//! - **A generic retry above the layer**, never below: its retries go through the layer, so each
+//!   gets the current token, and refreshes stay within the [`RefreshBudget`] whatever the policy
+//!   does, even one that retries every 403. Below the layer it would resend a stale token behind
+//!   the layer's back (and `RequestBody` is not `Clone`).
+//! - **Tracing outermost**, to see one span per call with its final status.
+//!
+//! ```
+//! use std::future::{ready, Ready};
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use hyper_util::client::legacy::{connect::HttpConnector, Client};
+//! use hyper_util::rt::TokioExecutor;
+//! use tower::retry::{Policy, RetryLayer};
+//! use tower::timeout::TimeoutLayer;
+//! use tower::{service_fn, BoxError, ServiceBuilder};
+//! use tower_http::decompression::DecompressionLayer;
+//! use tower_http::trace::TraceLayer;
+//! use xai_oauth_recovery::body::RequestBody;
+//! use xai_oauth_recovery::{Credential, Credentials, RefreshRequest, XaiOAuthRecoveryLayer};
+//!
+//! /// Retries 5xx answers and errors, up to `.0` more times.
+//! #[derive(Clone)]
+//! struct RetryServerErrors(usize);
+//!
+//! impl<B: Clone, ResB, E> Policy<Request<B>, Response<ResB>, E> for RetryServerErrors {
+//!     type Future = Ready<()>;
+//!
+//!     fn retry(&mut self, _: &mut Request<B>, result: &mut Result<Response<ResB>, E>) -> Option<Ready<()>> {
+//!         let failed = result.as_ref().map_or(true, |r| r.status().is_server_error());
+//!         if failed && self.0 > 0 {
+//!             self.0 -= 1;
+//!             Some(ready(()))
+//!         } else {
+//!             None
+//!         }
+//!     }
+//!
+//!     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
+//!         Some(request.clone())
+//!     }
+//! }
+//!
+//! let credentials = Credentials::new(Credential::new("default", "token"));
+//! let refresher = service_fn(|req: RefreshRequest| async move {
+//!     Ok::<_, BoxError>(Credential::new(req.stale().id(), "new-token"))
+//! });
+//! let client: Client<HttpConnector, RequestBody<Full<Bytes>>> =
+//!     Client::builder(TokioExecutor::new()).build_http();
+//!
+//! let stack = ServiceBuilder::new()
+//!     .layer(TraceLayer::new_for_http())
+//!     .layer(RetryLayer::new(RetryServerErrors(2)))
+//!     .layer(XaiOAuthRecoveryLayer::new(credentials, refresher))
+//!     .layer(TimeoutLayer::new(Duration::from_secs(60)))
+//!     .layer(DecompressionLayer::new())
+//!     .service(client);
+//! # fn assert_client<S: tower::Service<Request<Full<Bytes>>>>(_: &S) {}
+//! # assert_client(&stack);
+//! ```
+//!
 //! [tower]: https://docs.rs/tower
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // Nothing from outside may panic the library: no unwrap/expect outside tests.
@@ -97,6 +195,9 @@ pub mod body;
 #[cfg(feature = "mock")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
 pub mod mock;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 
 pub use budget::RefreshBudget;
 pub use classify::{classify, Classify, StaleReason, Verdict, XaiClassifier};
