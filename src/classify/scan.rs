@@ -15,7 +15,7 @@
 //! agree), so a candidate is exactly a case-insensitive occurrence of an anchor; each one is
 //! then verified against the phrases around it. The anchors have at most 32 case variants in
 //! all, which keeps Teddy on its 32-byte ("slim") form rather than its 16-byte ("fat") one:
-//! that is why the permission and resources phrases use `e p` and ` av` rather than rarer
+//! that is why the permission and resources phrases use `t h` and ` av` rather than rarer
 //! three-letter anchors. The scan stops at the first well-known-error marker; otherwise it
 //! covers the body once.
 //!
@@ -66,7 +66,7 @@ const GROK: &[u8] = b"grok";
 
 /// The anchors, lowercase, indexed by [`Group`]. Each phrase contains its group's anchor at
 /// the offset [`Group::verify`] uses.
-const ANCHORS: [&[u8; 3]; 7] = [b"ed:", b"h2 ", b"l-t", b"g-l", b"rok", b" av", b"e p"];
+const ANCHORS: [&[u8; 3]; 7] = [b"ed:", b"h2 ", b"l-t", b"g-l", b"rok", b" av", b"t h"];
 
 /// A group of phrases sharing one anchor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +83,7 @@ enum Group {
     Grok,
     /// ` av` of `out of available resources`.
     OutOfResources,
-    /// `e p` of `does not have permission`.
+    /// `t h` of `does not have permission`.
     NoPermission,
 }
 
@@ -126,7 +126,7 @@ impl Group {
             Group::OutOfResources => {
                 found.out_of_resources |= phrase_at(body, at, 6, OUT_OF_RESOURCES);
             }
-            Group::NoPermission => found.no_permission |= phrase_at(body, at, 12, NO_PERMISSION),
+            Group::NoPermission => found.no_permission |= phrase_at(body, at, 7, NO_PERMISSION),
         }
         false
     }
@@ -315,7 +315,7 @@ mod tests {
             (GROK, 1, Group::Grok),
             (NO_SUBSCRIPTION, 23, Group::Grok),
             (OUT_OF_RESOURCES, 6, Group::OutOfResources),
-            (NO_PERMISSION, 12, Group::NoPermission),
+            (NO_PERMISSION, 7, Group::NoPermission),
             (b"[wke=unauthenticated:", 18, Group::Unauthenticated),
         ];
         for (phrase, offset, group) in cases {
