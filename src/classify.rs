@@ -2,6 +2,9 @@
 
 use http::{HeaderMap, StatusCode};
 
+mod challenge;
+mod scan;
+
 /// What a 401/403 response means for the caller.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -54,47 +57,565 @@ impl Classify for XaiClassifier {
     }
 }
 
-/// Classifies an xAI response.
+/// Classifies an xAI response from its status, headers and (buffered) body.
+///
+/// Rules, first match wins; every match is ASCII case-insensitive on the raw body bytes:
+///
+/// 1. a status other than 401 or 403: [`Verdict::Unrecognized`];
+/// 2. a well-known-error marker, `[WKE=unauthenticated:<reason>]` or a JSON `"code"` of
+///    `"unauthenticated:<reason>"`: [`StaleReason::Wke`] with the reason lowercased. The reason
+///    runs to `]`, `"`, whitespace or the end of the body; the first marker in the body wins;
+///    a marker with an empty reason (`[WKE=unauthenticated:]`) is no marker at all;
+/// 3. `oauth2 access token could not be validated`: [`StaleReason::TokenNotValidated`];
+/// 4. a `WWW-Authenticate` Bearer challenge with `error="invalid_token"` (RFC 6750), quoted
+///    or not, in any header of several or among several challenges of one:
+///    [`StaleReason::InvalidToken`];
+/// 5. `personal-team-blocked` or `spending-limit`: [`Verdict::Billing`];
+/// 6. `do not have an active grok subscription`, or `out of available resources` with
+///    `grok`, or `does not have permission` with `grok`: [`Verdict::Entitlement`];
+/// 7. otherwise a 401 is [`StaleReason::Unauthorized`] and a 403 [`Verdict::Unrecognized`]:
+///    a 403 is never refreshed on a guess.
+///
+/// The stale-token signals win over everything below them: a stale token is recoverable, and
+/// once refreshed the next response says whatever else is wrong.
+///
+/// The body is read as bytes, in one pass, without parsing it as JSON: non-UTF-8, empty,
+/// truncated, HTML or plain-text bodies classify like any other. Nothing is allocated but the
+/// reason of a well-known-error marker.
+///
+/// # Example
+///
+/// xAI answers 403 with the same `code` for a stale token and for an account without a Grok
+/// subscription; the `error` tells them apart:
+///
+/// ```
+/// use http::{HeaderMap, StatusCode};
+/// use xai_oauth_recovery::{classify, StaleReason, Verdict};
+///
+/// let stale = br#"{"code":"The caller does not have permission to execute the specified operation","error":"The OAuth2 access token could not be validated. [WKE=unauthenticated:bad-credentials]"}"#;
+/// let entitlement = br#"{"code":"The caller does not have permission to execute the specified operation","error":"You have either run out of available resources or do not have an active Grok subscription. Manage subscriptions at https://grok.com"}"#;
+///
+/// let headers = HeaderMap::new();
+/// assert_eq!(
+///     classify(StatusCode::FORBIDDEN, &headers, stale),
+///     Verdict::StaleToken(StaleReason::Wke("bad-credentials".into())),
+/// );
+/// assert_eq!(classify(StatusCode::FORBIDDEN, &headers, entitlement), Verdict::Entitlement);
+/// ```
 pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Verdict {
-    if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
+    let unauthorized = status == StatusCode::UNAUTHORIZED;
+    if !unauthorized && status != StatusCode::FORBIDDEN {
         return Verdict::Unrecognized;
     }
-    let lower = body.to_ascii_lowercase();
-    let has = |n: &str| memchr::memmem::find(&lower, n.as_bytes()).is_some();
-    if let Some(i) = memchr::memmem::find(&lower, b"unauthenticated:") {
-        let rest = &lower[i + 16..];
-        let end = rest
-            .iter()
-            .position(|b| matches!(b, b']' | b'"') || b.is_ascii_whitespace())
-            .unwrap_or(rest.len());
-        if end > 0 {
-            return Verdict::StaleToken(StaleReason::Wke(
-                String::from_utf8_lossy(&rest[..end]).into_owned(),
-            ));
-        }
-    }
-    if has("oauth2 access token could not be validated") {
-        return Verdict::StaleToken(StaleReason::TokenNotValidated);
-    }
-    for v in headers.get_all(http::header::WWW_AUTHENTICATE) {
-        let v = v.as_bytes().to_ascii_lowercase();
-        if memchr::memmem::find(&v, b"bearer").is_some()
-            && memchr::memmem::find(&v, b"invalid_token").is_some()
-        {
-            return Verdict::StaleToken(StaleReason::InvalidToken);
-        }
-    }
-    if has("personal-team-blocked") || has("spending-limit") {
-        return Verdict::Billing;
-    }
-    if has("do not have an active grok subscription")
-        || (has("grok") && (has("out of available resources") || has("does not have permission")))
-    {
-        return Verdict::Entitlement;
-    }
-    if status == StatusCode::UNAUTHORIZED {
+    let found = scan::scan(body);
+    if let Some(reason) = found.wke {
+        Verdict::StaleToken(StaleReason::Wke(reason))
+    } else if found.token_not_validated {
+        Verdict::StaleToken(StaleReason::TokenNotValidated)
+    } else if challenge::bearer_invalid_token(headers) {
+        Verdict::StaleToken(StaleReason::InvalidToken)
+    } else if found.billing {
+        Verdict::Billing
+    } else if found.entitlement() {
+        Verdict::Entitlement
+    } else if unauthorized {
         Verdict::StaleToken(StaleReason::Unauthorized)
     } else {
         Verdict::Unrecognized
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::header::WWW_AUTHENTICATE;
+    use http::HeaderValue;
+
+    use super::*;
+
+    /// The wire bodies of xAI's 401/403 answers.
+    const STALE: &str = r#"{"code":"The caller does not have permission to execute the specified operation","error":"The OAuth2 access token could not be validated. [WKE=unauthenticated:bad-credentials]"}"#;
+    const UNBRACKETED: &str = r#"{"code":"unauthenticated:bad-credentials","error":"The OAuth2 access token could not be validated."}"#;
+    const ENTITLEMENT: &str = r#"{"code":"The caller does not have permission to execute the specified operation","error":"You have either run out of available resources or do not have an active Grok subscription. Manage subscriptions at https://grok.com"}"#;
+    const BILLING: &str = r#"{"code":"personal-team-blocked:spending-limit","error":"You have run out of credits or need a Grok subscription..."}"#;
+    const GENERIC: &str = r#"{"code":"The caller does not have permission to execute the specified operation","error":"Forbidden"}"#;
+
+    const UNAUTHORIZED: StatusCode = StatusCode::UNAUTHORIZED;
+    const FORBIDDEN: StatusCode = StatusCode::FORBIDDEN;
+
+    fn wke(reason: &str) -> Verdict {
+        Verdict::StaleToken(StaleReason::Wke(reason.into()))
+    }
+
+    fn stale(reason: StaleReason) -> Verdict {
+        Verdict::StaleToken(reason)
+    }
+
+    fn headers(challenges: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for challenge in challenges {
+            headers.append(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_str(challenge).unwrap_or_else(|_| HeaderValue::from_static("")),
+            );
+        }
+        headers
+    }
+
+    #[track_caller]
+    fn check(status: StatusCode, challenges: &[&str], body: impl AsRef<[u8]>, expected: Verdict) {
+        let body = body.as_ref();
+        assert_eq!(
+            classify(status, &headers(challenges), body),
+            expected,
+            "{status} {challenges:?} {}",
+            String::from_utf8_lossy(body)
+        );
+    }
+
+    #[test]
+    fn rule_1_only_401_and_403_are_classified() {
+        let invalid = [r#"Bearer error="invalid_token""#];
+        for status in [200, 201, 204, 400, 404, 407, 429, 500, 502, 503] {
+            let status = StatusCode::from_u16(status).unwrap_or_default();
+            for body in [
+                STALE,
+                UNBRACKETED,
+                ENTITLEMENT,
+                BILLING,
+                GENERIC,
+                "",
+                "null",
+            ] {
+                check(status, &[], body, Verdict::Unrecognized);
+                check(status, &invalid, body, Verdict::Unrecognized);
+            }
+        }
+    }
+
+    #[test]
+    fn the_wire_bodies_with_401_and_403() {
+        for status in [UNAUTHORIZED, FORBIDDEN] {
+            check(status, &[], STALE, wke("bad-credentials"));
+            check(status, &[], UNBRACKETED, wke("bad-credentials"));
+            check(status, &[], ENTITLEMENT, Verdict::Entitlement);
+            check(status, &[], BILLING, Verdict::Billing);
+        }
+        check(FORBIDDEN, &[], GENERIC, Verdict::Unrecognized);
+        check(UNAUTHORIZED, &[], GENERIC, stale(StaleReason::Unauthorized));
+    }
+
+    #[test]
+    fn rule_2_well_known_error_reasons() {
+        for reason in [
+            "bad-credentials",
+            "expired-token",
+            "revoked",
+            "no-credentials",
+            "some-future-reason",
+        ] {
+            let bracketed = STALE.replace("bad-credentials", reason);
+            let json_code = UNBRACKETED.replace("bad-credentials", reason);
+            for status in [UNAUTHORIZED, FORBIDDEN] {
+                check(status, &[], &bracketed, wke(reason));
+                check(status, &[], &json_code, wke(reason));
+            }
+        }
+    }
+
+    #[test]
+    fn rule_2_markers_in_any_case_and_shape() {
+        check(
+            FORBIDDEN,
+            &[],
+            "[wKe=UnAuthenticated:Expired-Token]",
+            wke("expired-token"),
+        );
+        check(FORBIDDEN, &[], STALE.to_uppercase(), wke("bad-credentials"));
+        check(
+            FORBIDDEN,
+            &[],
+            r#"{"CODE" : "UNAUTHENTICATED:Revoked"}"#,
+            wke("revoked"),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            "{\"code\":\n\t\"unauthenticated:revoked\"}",
+            wke("revoked"),
+        );
+        // OpenAI-style nesting.
+        let nested = r#"{"error":{"message":"The OAuth2 access token could not be validated.","type":"invalid_request_error","code":"unauthenticated:expired-token"}}"#;
+        check(FORBIDDEN, &[], nested, wke("expired-token"));
+        let nested = r#"{"error":{"message":"denied [WKE=unauthenticated:revoked]","type":"permission_error","code":"forbidden"}}"#;
+        check(FORBIDDEN, &[], nested, wke("revoked"));
+        // Plain text and HTML.
+        check(
+            FORBIDDEN,
+            &[],
+            "forbidden [WKE=unauthenticated:no-credentials] see docs",
+            wke("no-credentials"),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            "<html><body><p>[WKE=unauthenticated:revoked]</p></body></html>",
+            wke("revoked"),
+        );
+    }
+
+    #[test]
+    fn rule_2_the_reason_runs_to_a_bracket_quote_whitespace_or_the_end() {
+        check(
+            FORBIDDEN,
+            &[],
+            "[WKE=unauthenticated:revoked]tail",
+            wke("revoked"),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            "\"[WKE=unauthenticated:revoked\"",
+            wke("revoked"),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            "[WKE=unauthenticated:revoked please sign in",
+            wke("revoked"),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            "[WKE=unauthenticated:revoked\nnext",
+            wke("revoked"),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            "[WKE=unauthenticated:bad-cred",
+            wke("bad-cred"),
+        );
+        check(FORBIDDEN, &[], "[WKE=unauthenticated:a.b,c}", wke("a.b,c}"));
+        check(
+            FORBIDDEN,
+            &[],
+            b"[WKE=unauthenticated:caf\xe9]",
+            wke("caf\u{fffd}"),
+        );
+    }
+
+    #[test]
+    fn rule_2_the_first_marker_wins() {
+        check(
+            FORBIDDEN,
+            &[],
+            "[WKE=unauthenticated:revoked] [WKE=unauthenticated:expired-token]",
+            wke("revoked"),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            r#"{"code":"unauthenticated:revoked","error":"[WKE=unauthenticated:expired-token]"}"#,
+            wke("revoked"),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            r#"{"error":"[WKE=unauthenticated:expired-token]","code":"unauthenticated:revoked"}"#,
+            wke("expired-token"),
+        );
+    }
+
+    #[test]
+    fn rule_2_an_empty_reason_is_no_marker() {
+        check(
+            FORBIDDEN,
+            &[],
+            "[WKE=unauthenticated:]",
+            Verdict::Unrecognized,
+        );
+        check(
+            UNAUTHORIZED,
+            &[],
+            "[WKE=unauthenticated:]",
+            stale(StaleReason::Unauthorized),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            r#"{"code":"unauthenticated:"}"#,
+            Verdict::Unrecognized,
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            "[WKE=unauthenticated: revoked]",
+            Verdict::Unrecognized,
+        );
+        // A later marker still counts, and so do the rules below.
+        check(
+            FORBIDDEN,
+            &[],
+            "[WKE=unauthenticated:] [WKE=unauthenticated:revoked]",
+            wke("revoked"),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            "[WKE=unauthenticated:] spending-limit",
+            Verdict::Billing,
+        );
+    }
+
+    #[test]
+    fn rule_2_needs_the_bracket_or_the_code_key() {
+        check(
+            FORBIDDEN,
+            &[],
+            "unauthenticated:revoked",
+            Verdict::Unrecognized,
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            "[unauthenticated:revoked]",
+            Verdict::Unrecognized,
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            r#"{"type":"unauthenticated:revoked"}"#,
+            Verdict::Unrecognized,
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            r#"{"code":"x unauthenticated:revoked"}"#,
+            Verdict::Unrecognized,
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            r#"{"errorcode":"unauthenticated:revoked"}"#,
+            Verdict::Unrecognized,
+        );
+        check(
+            UNAUTHORIZED,
+            &[],
+            "WKE=unauthenticated:revoked",
+            stale(StaleReason::Unauthorized),
+        );
+    }
+
+    #[test]
+    fn rule_2_wins_over_everything_below_it() {
+        let entitlement_and_marker = ENTITLEMENT.replace(
+            "https://grok.com",
+            "https://grok.com [WKE=unauthenticated:revoked]",
+        );
+        check(FORBIDDEN, &[], entitlement_and_marker, wke("revoked"));
+        check(
+            FORBIDDEN,
+            &[],
+            format!("[WKE=unauthenticated:revoked] {ENTITLEMENT}"),
+            wke("revoked"),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            format!("{BILLING} [WKE=unauthenticated:revoked]"),
+            wke("revoked"),
+        );
+        check(
+            FORBIDDEN,
+            &[r#"Bearer error="invalid_token""#],
+            STALE,
+            wke("bad-credentials"),
+        );
+        // The stale body also says the token could not be validated: the marker is more precise.
+        check(UNAUTHORIZED, &[], STALE, wke("bad-credentials"));
+    }
+
+    #[test]
+    fn rule_3_token_not_validated() {
+        let body = r#"{"code":"The caller does not have permission to execute the specified operation","error":"The OAuth2 access token could not be validated."}"#;
+        check(FORBIDDEN, &[], body, stale(StaleReason::TokenNotValidated));
+        check(
+            UNAUTHORIZED,
+            &[],
+            body,
+            stale(StaleReason::TokenNotValidated),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            "THE OAUTH2 ACCESS TOKEN COULD NOT BE VALIDATED",
+            stale(StaleReason::TokenNotValidated),
+        );
+        let nested = r#"{"error":{"message":"The OAuth2 access token could not be validated.","type":"invalid_request_error","code":"forbidden"}}"#;
+        check(
+            FORBIDDEN,
+            &[],
+            nested,
+            stale(StaleReason::TokenNotValidated),
+        );
+        // Below rule 2, above rules 4 to 6.
+        check(
+            FORBIDDEN,
+            &[r#"Bearer error="invalid_token""#],
+            body,
+            stale(StaleReason::TokenNotValidated),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            format!("{BILLING} {body}"),
+            stale(StaleReason::TokenNotValidated),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            format!("{ENTITLEMENT} {body}"),
+            stale(StaleReason::TokenNotValidated),
+        );
+        check(
+            FORBIDDEN,
+            &[],
+            "the oauth2 access token could not be",
+            Verdict::Unrecognized,
+        );
+    }
+
+    #[test]
+    fn rule_4_rfc_6750_invalid_token() {
+        let invalid = stale(StaleReason::InvalidToken);
+        for challenges in [
+            &[r#"Bearer error="invalid_token""#][..],
+            &["Bearer error=invalid_token"],
+            &[
+                r#"Bearer realm="api.x.ai", error="invalid_token", error_description="The access token expired""#,
+            ],
+            &[r#"bearer ERROR="INVALID_TOKEN""#],
+            &[r#"Basic realm="x", Bearer realm="api.x.ai", error="invalid_token""#],
+            &[r#"Basic realm="x""#, r#"Bearer error="invalid_token""#],
+            &[
+                r#"Bearer realm="a, b""#,
+                r#"Bearer scope="x", error="invalid_token""#,
+            ],
+        ] {
+            for status in [UNAUTHORIZED, FORBIDDEN] {
+                check(status, challenges, "", invalid.clone());
+                check(status, challenges, GENERIC, invalid.clone());
+            }
+        }
+        for challenges in [
+            &[r#"Basic realm="x", error="invalid_token""#][..],
+            &[r#"Bearer realm="x", Basic error="invalid_token""#],
+            &[r#"Bearer error="insufficient_scope""#],
+            &[r#"Bearer error_description="invalid_token""#],
+            &[r#"Bearer realm="error=invalid_token""#],
+            &["Bearer"],
+        ] {
+            check(FORBIDDEN, challenges, GENERIC, Verdict::Unrecognized);
+            check(
+                UNAUTHORIZED,
+                challenges,
+                GENERIC,
+                stale(StaleReason::Unauthorized),
+            );
+        }
+        // Above billing and entitlement.
+        let invalid_token = [r#"Bearer error="invalid_token""#];
+        check(FORBIDDEN, &invalid_token, BILLING, invalid.clone());
+        check(FORBIDDEN, &invalid_token, ENTITLEMENT, invalid);
+    }
+
+    #[test]
+    fn rule_5_billing() {
+        for body in [
+            BILLING,
+            "personal-team-blocked",
+            "SPENDING-LIMIT reached",
+            r#"{"error":{"message":"Spending-Limit","type":"billing","code":"personal-team-blocked"}}"#,
+        ] {
+            check(FORBIDDEN, &[], body, Verdict::Billing);
+            check(UNAUTHORIZED, &[], body, Verdict::Billing);
+        }
+        // Above entitlement.
+        check(
+            FORBIDDEN,
+            &[],
+            format!("{ENTITLEMENT} {BILLING}"),
+            Verdict::Billing,
+        );
+        check(FORBIDDEN, &[], "spending limit", Verdict::Unrecognized);
+    }
+
+    #[test]
+    fn rule_6_entitlement() {
+        for body in [
+            ENTITLEMENT,
+            "You do not have an active Grok subscription.",
+            "out of available resources (grok)",
+            "GROK: the caller does NOT HAVE PERMISSION",
+            r#"{"error":{"message":"You do not have an active Grok subscription.","type":"permission_error","code":"forbidden"}}"#,
+            r#"{"error":{"message":"The caller does not have permission","type":"grok-4","code":403}}"#,
+        ] {
+            check(FORBIDDEN, &[], body, Verdict::Entitlement);
+            // Above the plain-401 rule.
+            check(UNAUTHORIZED, &[], body, Verdict::Entitlement);
+        }
+        // Each half of a conjunction alone is not enough.
+        for body in [
+            "out of available resources",
+            "does not have permission",
+            "grok",
+            "grok subscription",
+        ] {
+            check(FORBIDDEN, &[], body, Verdict::Unrecognized);
+            check(UNAUTHORIZED, &[], body, stale(StaleReason::Unauthorized));
+        }
+    }
+
+    #[test]
+    fn rule_7_the_rest() {
+        for body in [
+            &b""[..],
+            b"null",
+            b"[]",
+            b"[1, 2, 3]",
+            b"{}",
+            b"Forbidden",
+            b"<html><head><title>403 Forbidden</title></head><body>nginx</body></html>",
+            b"\xff\xfe\x00\x80 not utf-8 \xc3",
+            br#"{"code":"The caller does not have permiss"#,
+            GENERIC.as_bytes(),
+        ] {
+            check(UNAUTHORIZED, &[], body, stale(StaleReason::Unauthorized));
+            check(FORBIDDEN, &[], body, Verdict::Unrecognized);
+        }
+    }
+
+    #[test]
+    fn truncated_wire_bodies_never_panic() {
+        for body in [STALE, UNBRACKETED, ENTITLEMENT, BILLING, GENERIC] {
+            for cut in 0..=body.len() {
+                let prefix = body.as_bytes().get(..cut).unwrap_or_default();
+                let _ = classify(FORBIDDEN, &HeaderMap::new(), prefix);
+                let suffix = body.as_bytes().get(cut..).unwrap_or_default();
+                let _ = classify(UNAUTHORIZED, &HeaderMap::new(), suffix);
+            }
+        }
+    }
+
+    #[test]
+    fn the_classifier_trait_uses_classify() {
+        let classifier = XaiClassifier;
+        assert!(classifier.inspects(FORBIDDEN) && classifier.inspects(UNAUTHORIZED));
+        assert!(!classifier.inspects(StatusCode::OK));
+        assert_eq!(
+            classifier.classify(FORBIDDEN, &HeaderMap::new(), STALE.as_bytes()),
+            wke("bad-credentials")
+        );
     }
 }
