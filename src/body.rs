@@ -584,3 +584,14 @@ mod tests {
         assert_eq!(body.size_hint().exact(), Some(5));
     }
 }
+
+/// The `Content-Length` a response declares, if it declares a valid one.
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}

@@ -9,60 +9,47 @@ use arc_swap::ArcSwap;
 use http::HeaderValue;
 use tokio::sync::broadcast;
 
-/// An OAuth access token. Its `Debug` and `Display` never show the secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AccessToken(Arc<str>);
+/// A secret string whose `Debug` and `Display` never show it.
+macro_rules! secret {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq)]
+        pub struct $name(Arc<str>);
 
-impl AccessToken {
-    /// Wraps a token string.
-    pub fn new(secret: impl Into<String>) -> Self {
-        Self(Arc::from(secret.into()))
-    }
+        impl $name {
+            /// Wraps a token string.
+            pub fn new(secret: impl Into<String>) -> Self {
+                Self(Arc::from(secret.into()))
+            }
 
-    /// The token itself. Handle with care: this is the only way to see it.
-    pub fn secret(&self) -> &str {
-        &self.0
-    }
+            /// The token itself. Handle with care: this is the only way to see it.
+            pub fn secret(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(concat!(stringify!($name), "([redacted])"))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("[redacted]")
+            }
+        }
+    };
 }
 
-impl fmt::Debug for AccessToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AccessToken([redacted])")
-    }
+secret! {
+    /// An OAuth access token. Its `Debug` and `Display` never show the secret.
+    AccessToken
 }
 
-impl fmt::Display for AccessToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-/// An OAuth refresh token. Its `Debug` and `Display` never show the secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RefreshToken(Arc<str>);
-
-impl RefreshToken {
-    /// Wraps a token string.
-    pub fn new(secret: impl Into<String>) -> Self {
-        Self(Arc::from(secret.into()))
-    }
-
-    /// The token itself. Handle with care: this is the only way to see it.
-    pub fn secret(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for RefreshToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("RefreshToken([redacted])")
-    }
-}
-
-impl fmt::Display for RefreshToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
+secret! {
+    /// An OAuth refresh token. Its `Debug` and `Display` never show the secret.
+    RefreshToken
 }
 
 /// One OAuth credential: an id the application chooses, an access token, and optionally a

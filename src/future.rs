@@ -7,14 +7,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use http::header::AUTHORIZATION;
 use http::{response, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower::BoxError;
 use tower_service::Service;
 
-use crate::body::{Buffered, RequestBody, ResponseBody};
+use crate::body::{content_length, Buffered, RequestBody, ResponseBody};
 use crate::classify::{Classify, Verdict};
 use crate::layer::Shared;
 use crate::refresh::{Outcome, RefreshReason, TokenRefresher, Wait};
@@ -378,16 +378,6 @@ fn hand_back<B: Body>(
     let mut response = Response::from_parts(parts, ResponseBody::rejoined(buffered));
     response.extensions_mut().insert(report);
     response
-}
-
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 fn polled_after_completion() -> BoxError {

@@ -44,8 +44,8 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::header::{ACCEPT, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use serde::Deserialize;
@@ -53,6 +53,7 @@ use tower::util::ServiceExt as _;
 use tower::BoxError;
 use tower_service::Service;
 
+use crate::body::content_length;
 use crate::credential::{Credential, RefreshToken};
 use crate::refresh::{RefreshError, RefreshRequest};
 
@@ -598,16 +599,6 @@ where
     let (parts, body) = response.into_parts();
     let read = read_limited(content_length(&parts.headers), body).await;
     Ok((parts.status, read))
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 async fn read_limited<ResB>(declared: Option<u64>, body: ResB) -> Read
