@@ -530,6 +530,17 @@ impl<B: Body> Buffered<B> {
     }
 }
 
+/// The `Content-Length` a response declares, if it declares a valid one.
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,15 +594,4 @@ mod tests {
         assert_eq!(body.take_whole(|_| None), None);
         assert_eq!(body.size_hint().exact(), Some(5));
     }
-}
-
-/// The `Content-Length` a response declares, if it declares a valid one.
-pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
