@@ -247,10 +247,8 @@ where
                             (&current.header, this.attempt.as_mut())
                         {
                             request.headers_mut().insert(AUTHORIZATION, header.clone());
+                            // The retry sets the header it retries with: its head keeps none.
                             attempt.generation = current.generation;
-                            if let Some(retry) = attempt.retry.as_mut() {
-                                retry.set_authorization(header.clone());
-                            }
                         }
                     } else if let Some(attempt) = this.attempt.as_ref() {
                         tracing::debug!(credential = %attempt.credential_id(), ?outcome, "refresh ahead of expiry did not happen: sending with the current token");
