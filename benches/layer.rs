@@ -7,8 +7,9 @@
 //!   `AddAuthorization`), and the heap allocations per request of each;
 //! - `recovery`: a stale 403, a refresh and the retry through the layer, beside two bare calls
 //!   and one refresher call (target: <= 10 µs added);
-//! - `storm`: 10,000 concurrent requests on one stale credential beside 10,000 plain ones
-//!   (targets: exactly 1 refresher call, <= 3x);
+//! - `storm`: 10,000 concurrent requests on one stale credential beside 10,000 plain ones, in
+//!   one task (`join_all`) and, as `storm_tasks`, in a task each (targets: exactly 1 refresher
+//!   call, <= 3x);
 //! - `loopback`: hyper-util's client against a hyper server on 127.0.0.1, with and without the
 //!   layer (target: <= 1.03x);
 //! - the peak heap growth of a 1 GiB streaming 403 body and of a 1 GiB streaming request body
@@ -52,21 +53,23 @@ fn recovery(c: &mut Criterion, rt: &Runtime) {
 
 fn storm(c: &mut Criterion, rt: &Runtime) {
     let mut storm = Storm::new();
-    let mut group = c.benchmark_group("storm");
-    group.sample_size(10);
-    for (stale, name) in [false, true].into_iter().zip(["plain", "stale"]) {
-        group.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let calls = rt.block_on(storm.run(stale));
-                    assert_eq!(calls, u64::from(stale), "refresher calls");
-                }
-                start.elapsed()
-            })
-        });
+    for (tasks, group) in [(false, "storm"), (true, "storm_tasks")] {
+        let mut group = c.benchmark_group(group);
+        group.sample_size(10);
+        for (stale, name) in [false, true].into_iter().zip(["plain", "stale"]) {
+            group.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let calls = rt.block_on(storm.run(stale, tasks));
+                        assert_eq!(calls, u64::from(stale), "refresher calls");
+                    }
+                    start.elapsed()
+                })
+            });
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 fn loopback(c: &mut Criterion, rt: &Runtime) {
@@ -91,10 +94,11 @@ fn ratios(since: SystemTime) {
         ("happy", "layer", "add_authorization", "<= 1.25x"),
         ("recovery", "layer", "baseline", "<= +10 us"),
         ("storm", "stale", "plain", "<= 3x"),
+        ("storm_tasks", "stale", "plain", "<= 3x"),
         ("loopback", "layer", "plain", "<= 1.03x"),
     ];
     println!(
-        "{:<10} {:>14} {:>14} {:>10} {:>12} {:>10}",
+        "{:<12} {:>14} {:>14} {:>10} {:>12} {:>10}",
         "group", "ours ns", "baseline ns", "ratio", "added ns", "target"
     );
     for (group, ours, baseline, target) in rows {
@@ -102,7 +106,7 @@ fn ratios(since: SystemTime) {
         let ratio = a.zip(b).map(|(a, b)| format!("{:.3}x", a / b));
         let added = a.zip(b).map(|(a, b)| a - b);
         println!(
-            "{:<10} {:>14} {:>14} {:>10} {:>12} {:>10}",
+            "{:<12} {:>14} {:>14} {:>10} {:>12} {:>10}",
             group,
             show(a),
             show(b),

@@ -168,31 +168,33 @@ fn main() {
     );
 
     let mut storm = Storm::new();
-    let mut refreshes = 0;
-    let [plain, stale] = interleaved::<2>(scale(7), 1, |which, _| {
-        let calls = rt.block_on(storm.run(which == 1));
-        if which == 1 {
-            refreshes = calls;
-        }
-    });
-    let detail = format!("{} concurrent requests", Storm::REQUESTS);
-    row(
-        "storm",
-        "refresher calls".into(),
-        detail,
-        refreshes as f64,
-        "",
-        Target::Exactly(1.0),
-    );
-    let times = format!("stale {:.1} ms, plain {:.1} ms", stale / 1e6, plain / 1e6);
-    row(
-        "storm",
-        "stale/plain".into(),
-        times,
-        stale / plain,
-        "x",
-        Target::AtMost(3.0),
-    );
+    for (tasks, how) in [(false, "one task, join_all"), (true, "a task each")] {
+        let mut refreshes = 0;
+        let [plain, stale] = interleaved::<2>(scale(7), 1, |which, _| {
+            let calls = rt.block_on(storm.run(which == 1, tasks));
+            if which == 1 {
+                refreshes = calls;
+            }
+        });
+        let detail = format!("{} concurrent requests, {how}", Storm::REQUESTS);
+        row(
+            "storm",
+            format!("refresher calls ({how})"),
+            detail,
+            refreshes as f64,
+            "",
+            Target::Exactly(1.0),
+        );
+        let times = format!("stale {:.1} ms, plain {:.1} ms", stale / 1e6, plain / 1e6);
+        row(
+            "storm",
+            format!("stale/plain ({how})"),
+            times,
+            stale / plain,
+            "x",
+            Target::AtMost(3.0),
+        );
+    }
 
     let mut loopback = rt.block_on(Loopback::start());
     let [plain, layer] = interleaved::<2>(scale(60), 25, |which, calls| {

@@ -333,13 +333,24 @@ impl Storm {
     }
 
     /// Sends [`Storm::REQUESTS`] requests at once through the layer, on a stale credential
-    /// when `stale`, and returns how many times the refresher was called.
-    pub(crate) async fn run(&mut self, stale: bool) -> u64 {
+    /// when `stale`, and returns how many times the refresher was called. The requests run in
+    /// one task (`join_all`), or in a task each when `tasks`.
+    pub(crate) async fn run(&mut self, stale: bool, tasks: bool) -> u64 {
         let token = if stale { STALE } else { TOKEN };
         self.credentials.insert(Credential::new("default", token));
         let before = self.refresher.calls();
         let requests = (0..Self::REQUESTS).map(|_| self.layer.clone().oneshot(request(&self.uri)));
-        for response in join_all(requests).await {
+        let responses = if tasks {
+            let tasks: Vec<_> = requests.map(tokio::spawn).collect();
+            let mut responses = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                responses.push(task.await.unwrap_or_else(|e| panic!("task: {e}")));
+            }
+            responses
+        } else {
+            join_all(requests).await
+        };
+        for response in responses {
             let response = response.unwrap_or_else(|e| panic!("call: {e}"));
             assert_eq!(response.status(), StatusCode::OK);
         }
