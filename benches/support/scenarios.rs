@@ -177,7 +177,10 @@ pub(crate) struct Happy {
 
 impl Happy {
     pub(crate) fn new() -> Self {
-        let credentials = Credentials::new(Credential::new("default", TOKEN));
+        // An OAuth access token has an expiry: the layer checks it on every request.
+        let expires = std::time::SystemTime::now() + Duration::from_secs(3600);
+        let credential = Credential::new("default", TOKEN).with_expires_at(expires);
+        let credentials = Credentials::new(credential);
         let happy = Self {
             uri: uri(),
             bare: Inner,
