@@ -204,7 +204,9 @@ fn into_bytes<D: Buf>(mut data: D) -> Bytes {
 
 /// The copy of a request body kept for a replay.
 pub(crate) struct Tape {
-    chunks: Vec<Bytes>,
+    /// The first chunk, apart: most request bodies are one chunk, kept without allocating.
+    first: Option<Bytes>,
+    rest: Vec<Bytes>,
     trailers: Option<HeaderMap>,
     len: usize,
     limit: usize,
@@ -224,7 +226,8 @@ enum TapeState {
 impl Tape {
     fn new(limit: usize) -> Self {
         Self {
-            chunks: Vec::new(),
+            first: None,
+            rest: Vec::new(),
             trailers: None,
             len: 0,
             limit,
@@ -239,8 +242,10 @@ impl Tape {
         self.len = self.len.saturating_add(data.len());
         if self.len > self.limit {
             self.lose();
+        } else if self.first.is_none() {
+            self.first = Some(data.clone());
         } else {
-            self.chunks.push(data.clone());
+            self.rest.push(data.clone());
         }
     }
 
@@ -262,7 +267,8 @@ impl Tape {
 
     fn lose(&mut self) {
         self.state = TapeState::Lost;
-        self.chunks = Vec::new();
+        self.first = None;
+        self.rest = Vec::new();
         self.trailers = None;
     }
 }
@@ -291,7 +297,10 @@ impl Replay {
                     return None;
                 }
                 tape.state = TapeState::Taken;
-                let chunks = mem::take(&mut tape.chunks).into();
+                let mut chunks: VecDeque<Bytes> = mem::take(&mut tape.rest).into();
+                if let Some(first) = tape.first.take() {
+                    chunks.push_front(first);
+                }
                 let trailers = tape.trailers.take();
                 Some(RequestBody {
                     kind: RequestKind::Replay { chunks, trailers },

@@ -42,19 +42,24 @@ pin_project! {
     where
         ResB: Body,
     {
+        // The states after the first attempt's are rare: their payloads are boxed, which keeps
+        // the future small for the 2xx path (it is moved when it is returned and pinned).
         /// The credential expires soon: waiting for its refresh before the first attempt.
-        Expiring { wait: Wait, request: Option<Request<RequestBody<ReqB>>> },
+        Expiring { wait: Wait, request: Option<Box<Request<RequestBody<ReqB>>>> },
         /// The first attempt.
         First { #[pin] future: F },
         /// Reading a 401/403 body to classify it.
-        Buffering { parts: Option<response::Parts>, buffered: Option<Buffered<ResB>> },
+        Buffering { parts: Option<Box<response::Parts>>, buffered: Option<Buffered<ResB>> },
         /// Waiting for a newer credential.
         Refreshing {
             wait: Wait,
-            original: Option<(response::Parts, Buffered<ResB>, RecoveryReport)>,
+            original: Option<Box<(response::Parts, Buffered<ResB>, RecoveryReport)>>,
         },
         /// Waiting for the inner service to be ready for the retry.
-        RetryReady { request: Option<Request<RequestBody<ReqB>>>, report: Option<RecoveryReport> },
+        RetryReady {
+            request: Option<Box<Request<RequestBody<ReqB>>>>,
+            report: Option<RecoveryReport>,
+        },
         /// The retry.
         Retry { #[pin] future: F, report: Option<RecoveryReport> },
         /// The request could not be sent.
@@ -93,7 +98,7 @@ where
         Self {
             state: State::Expiring {
                 wait,
-                request: Some(request),
+                request: Some(Box::new(request)),
             },
             inner,
             shared,
@@ -146,7 +151,7 @@ where
                         return Poll::Ready(Ok(response));
                     }
                     this.state.set(State::Buffering {
-                        parts: Some(parts),
+                        parts: Some(Box::new(parts)),
                         buffered: Some(Buffered::new(body)),
                     });
                 }
@@ -159,6 +164,7 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Err(polled_after_completion()));
                     };
+                    let parts = *parts;
                     match decide(this.shared, this.attempt, &parts, &buffered) {
                         Decision::HandBack(report) => {
                             this.state.set(State::Done);
@@ -167,17 +173,18 @@ where
                         Decision::Refresh(wait, report) => {
                             this.state.set(State::Refreshing {
                                 wait,
-                                original: Some((parts, buffered, report)),
+                                original: Some(Box::new((parts, buffered, report))),
                             });
                         }
                     }
                 }
                 StateProj::Refreshing { wait, original } => {
                     let outcome = ready!(wait.as_mut().poll(cx));
-                    let Some((parts, buffered, report)) = original.take() else {
+                    let Some(original) = original.take() else {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(polled_after_completion()));
                     };
+                    let (parts, buffered, report) = *original;
                     let attempt = this.attempt.as_mut();
                     let (current, refreshed) = match outcome {
                         Outcome::Fresh { current, refreshed } => (current, refreshed),
@@ -205,7 +212,7 @@ where
                         Some(request) => {
                             tracing::debug!(credential = %report.credential_id(), generation = current.generation, refreshed, "retrying with a newer credential");
                             this.state.set(State::RetryReady {
-                                request: Some(request),
+                                request: Some(Box::new(request)),
                                 report: Some(report.set_retried()),
                             });
                         }
@@ -223,7 +230,7 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Err(polled_after_completion()));
                     };
-                    let future = this.inner.call(request);
+                    let future = this.inner.call(*request);
                     this.state.set(State::Retry { future, report });
                 }
                 StateProj::Retry { future, report } => {
@@ -238,19 +245,18 @@ where
                 }
                 StateProj::Expiring { wait, request } => {
                     let outcome = ready!(wait.as_mut().poll(cx));
-                    let Some(mut request) = request.take() else {
+                    let Some(request) = request.take() else {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(polled_after_completion()));
                     };
+                    let mut request = *request;
                     if let Outcome::Fresh { current, .. } = outcome {
                         if let (Ok(header), Some(attempt)) =
                             (&current.header, this.attempt.as_mut())
                         {
                             request.headers_mut().insert(AUTHORIZATION, header.clone());
+                            // The retry sets the header it retries with: its head keeps none.
                             attempt.generation = current.generation;
-                            if let Some(retry) = attempt.retry.as_mut() {
-                                retry.set_authorization(header.clone());
-                            }
                         }
                     } else if let Some(attempt) = this.attempt.as_ref() {
                         tracing::debug!(credential = %attempt.credential_id(), ?outcome, "refresh ahead of expiry did not happen: sending with the current token");

@@ -216,7 +216,7 @@ where
     pub(crate) fn newer_than(&self, slot: &Arc<Slot>, used: u64, reason: RefreshReason) -> Wait {
         let mut state = slot.flight.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(rx) = &state.in_flight {
-            return Box::pin(wait(rx.clone()));
+            return waiting(rx.clone());
         }
         let current = slot.load_full();
         if current.generation != used {
@@ -265,8 +265,16 @@ where
             let result = call.await;
             guard.finish(result);
         });
-        Box::pin(wait(rx))
+        waiting(rx)
     }
+}
+
+/// Waits for the outcome outside Tokio's cooperative budget. The wait ends once, for every
+/// request of the credential at the same moment: when one task drives thousands of them (a
+/// `join_all`), budgeted waits would make the task yield after a hundred or so and poll every
+/// other one again at each turn, a cost quadratic in the number of waiting requests.
+fn waiting(rx: watch::Receiver<Option<Outcome>>) -> Wait {
+    Box::pin(tokio::task::unconstrained(wait(rx)))
 }
 
 fn ready(outcome: Outcome) -> Wait {

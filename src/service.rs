@@ -5,8 +5,9 @@ use std::mem;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use http::header::HeaderName;
 use http::header::AUTHORIZATION;
-use http::{Extensions, HeaderMap, Method, Request, Response, Uri, Version};
+use http::{Extensions, HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body::Body;
 use tower::BoxError;
 use tower_service::Service;
@@ -146,13 +147,7 @@ where
         let (mut parts, body) = request.into_parts();
         parts.headers.insert(AUTHORIZATION, header);
         let (body, replay) = RequestBody::new(body, shared.max_replay_body_bytes);
-        let retry = RetryParts {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers: parts.headers.clone(),
-            extensions: parts.extensions.clone(),
-        };
+        let retry = RetryParts::new(&parts);
         let request = Request::from_parts(parts, body);
         let attempt = Attempt {
             id: named,
@@ -210,17 +205,99 @@ impl fmt::Debug for Attempt {
 }
 
 /// The request's head, kept for the retry (the body is replayed separately).
+///
+/// The retry sets its own `Authorization`, so the head keeps every other header and where
+/// `Authorization` goes. A head with few headers keeps them inline, in the order the request
+/// had them: cloning names and values costs no allocation, where cloning a `HeaderMap`
+/// allocates twice for every request, retried or not.
 pub(crate) struct RetryParts {
     method: Method,
     uri: Uri,
     version: Version,
-    headers: HeaderMap,
+    headers: KeptHeaders,
     extensions: Extensions,
 }
 
+/// At most this many header values (besides `Authorization`) are kept inline.
+const INLINE_HEADERS: usize = 4;
+
+enum KeptHeaders {
+    /// The values in the map's order; `Authorization` goes before the one at index
+    /// `authorization` (after the last one when there is none).
+    Inline {
+        values: [Option<(HeaderName, HeaderValue)>; INLINE_HEADERS],
+        authorization: usize,
+    },
+    /// A clone of the whole map, `Authorization` included (the retry replaces it in place).
+    Map(HeaderMap),
+}
+
+impl KeptHeaders {
+    /// Keeps `headers`, which hold exactly one `Authorization` value.
+    fn new(headers: &HeaderMap) -> Self {
+        if headers.len() > INLINE_HEADERS + 1 {
+            return KeptHeaders::Map(headers.clone());
+        }
+        let mut values: [Option<(HeaderName, HeaderValue)>; INLINE_HEADERS] = Default::default();
+        let (mut kept, mut authorization) = (0, 0);
+        for (name, value) in headers {
+            if name == AUTHORIZATION {
+                authorization = kept;
+                continue;
+            }
+            match values.get_mut(kept) {
+                Some(slot) => *slot = Some((name.clone(), value.clone())),
+                None => return KeptHeaders::Map(headers.clone()),
+            }
+            kept += 1;
+        }
+        KeptHeaders::Inline {
+            values,
+            authorization,
+        }
+    }
+
+    fn into_map(self, authorization: HeaderValue) -> HeaderMap {
+        match self {
+            KeptHeaders::Map(mut headers) => {
+                headers.insert(AUTHORIZATION, authorization);
+                headers
+            }
+            KeptHeaders::Inline {
+                values,
+                authorization: at,
+            } => {
+                let mut headers = HeaderMap::with_capacity(INLINE_HEADERS + 1);
+                let mut authorization = Some(authorization);
+                for (i, value) in values.into_iter().enumerate() {
+                    if i == at {
+                        if let Some(authorization) = authorization.take() {
+                            headers.insert(AUTHORIZATION, authorization);
+                        }
+                    }
+                    if let Some((name, value)) = value {
+                        headers.append(name, value);
+                    }
+                }
+                if let Some(authorization) = authorization {
+                    headers.insert(AUTHORIZATION, authorization);
+                }
+                headers
+            }
+        }
+    }
+}
+
 impl RetryParts {
-    pub(crate) fn set_authorization(&mut self, authorization: http::HeaderValue) {
-        self.headers.insert(AUTHORIZATION, authorization);
+    /// Keeps the head of a request whose headers hold its `Authorization`.
+    pub(crate) fn new(parts: &http::request::Parts) -> Self {
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: KeptHeaders::new(&parts.headers),
+            extensions: parts.extensions.clone(),
+        }
     }
 
     pub(crate) fn into_request<B>(
@@ -232,9 +309,59 @@ impl RetryParts {
         *request.method_mut() = self.method;
         *request.uri_mut() = self.uri;
         *request.version_mut() = self.version;
-        *request.headers_mut() = self.headers;
+        *request.headers_mut() = self.headers.into_map(authorization);
         *request.extensions_mut() = self.extensions;
-        request.headers_mut().insert(AUTHORIZATION, authorization);
         request
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bearer(token: &str) -> HeaderValue {
+        let mut value = HeaderValue::from_str(&format!("Bearer {token}")).unwrap_or_else(|_| {
+            unreachable!("a valid header value");
+        });
+        value.set_sensitive(true);
+        value
+    }
+
+    fn listed(headers: &HeaderMap) -> Vec<(String, Vec<u8>, bool)> {
+        headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec(), v.is_sensitive()))
+            .collect()
+    }
+
+    /// The retry's headers are the first attempt's, in the same order, with the new
+    /// `Authorization` where the old one was: for heads kept inline and for heads kept whole.
+    #[test]
+    fn the_retry_head_is_the_first_heads_with_the_new_authorization() {
+        let names = ["accept", "x-a", "x-b", "x-c", "x-d", "x-e"];
+        for count in 0..=names.len() {
+            for auth_at in 0..=count {
+                for repeated in [false, true] {
+                    let mut first = HeaderMap::new();
+                    for (i, name) in names.iter().take(count).enumerate() {
+                        if i == auth_at {
+                            first.insert(AUTHORIZATION, bearer("old"));
+                        }
+                        first.append(*name, HeaderValue::from_static("1"));
+                        if repeated && i == 0 {
+                            first.append(*name, HeaderValue::from_static("2"));
+                        }
+                    }
+                    if auth_at == count {
+                        first.insert(AUTHORIZATION, bearer("old"));
+                    }
+                    let kept = KeptHeaders::new(&first);
+                    let mut expected = first.clone();
+                    expected.insert(AUTHORIZATION, bearer("new"));
+                    let retried = kept.into_map(bearer("new"));
+                    assert_eq!(listed(&retried), listed(&expected), "{count} {auth_at}");
+                }
+            }
+        }
     }
 }
