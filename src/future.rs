@@ -343,17 +343,24 @@ where
             return Decision::HandBack(report.skip(Skip::Unrecognized));
         }
     };
-    let slot = attempt
-        .as_ref()
-        .and_then(|attempt| Some((attempt.slot(shared)?, attempt.generation)));
+    let slot = attempt.as_ref().and_then(|attempt| {
+        let slot = attempt.slot(shared)?;
+        Some((Arc::ptr_eq(&slot, &attempt.used), slot, attempt.generation))
+    });
     match slot {
-        Some((slot, generation)) => {
+        Some((true, slot, generation)) => {
             tracing::debug!(credential = %report.credential_id(), status = %parts.status, reason = ?reason, "stale token: asking for a newer credential");
             let wait =
                 shared
                     .refresh
                     .newer_than(&slot, generation, RefreshReason::StaleToken(reason));
             Decision::Refresh(wait, report)
+        }
+        Some((false, slot, _)) => {
+            // Removed and inserted again while the request was out: whatever generation the new
+            // credential is at, it is newer than the one the request used. Retry with it.
+            tracing::debug!(credential = %report.credential_id(), "the credential was replaced: retrying with the new one");
+            Decision::Refresh(crate::refresh::current(&slot), report)
         }
         None => {
             tracing::debug!(credential = %report.credential_id(), "the credential was removed: no refresh");

@@ -269,6 +269,14 @@ where
     }
 }
 
+/// The slot's current credential, as the outcome of a wait that needs no refresh.
+pub(crate) fn current(slot: &Slot) -> Wait {
+    ready(Outcome::Fresh {
+        current: slot.load_full(),
+        refreshed: false,
+    })
+}
+
 fn ready(outcome: Outcome) -> Wait {
     Box::pin(std::future::ready(outcome))
 }

@@ -156,7 +156,7 @@ where
         let request = Request::from_parts(parts, body);
         let attempt = Attempt {
             id: named,
-            slot_id: slot.id.clone(),
+            used: slot.clone(),
             generation,
             retry: Some(retry),
             replay,
@@ -175,7 +175,8 @@ where
 pub(crate) struct Attempt {
     /// The credential the request named, `None` for the default one.
     pub(crate) id: Option<CredentialId>,
-    pub(crate) slot_id: Arc<str>,
+    /// The slot of the credential the request was sent with.
+    pub(crate) used: Arc<Slot>,
     /// The generation of the credential the request was sent with.
     pub(crate) generation: u64,
     pub(crate) retry: Option<RetryParts>,
@@ -183,6 +184,8 @@ pub(crate) struct Attempt {
 }
 
 impl Attempt {
+    /// The slot that holds the request's credential now: the one the request used, another one
+    /// if the credential was removed and inserted again since, or none if it was removed.
     pub(crate) fn slot<R, C>(&self, shared: &Shared<R, C>) -> Option<Arc<Slot>> {
         let credentials = &shared.refresh.credentials;
         match &self.id {
@@ -193,7 +196,7 @@ impl Attempt {
 
     pub(crate) fn credential_id(&self) -> Arc<str> {
         match &self.id {
-            None => self.slot_id.clone(),
+            None => self.used.id.clone(),
             Some(id) => id.as_arc().clone(),
         }
     }
@@ -202,7 +205,7 @@ impl Attempt {
 impl fmt::Debug for Attempt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Attempt")
-            .field("credential", &self.slot_id)
+            .field("credential", &self.used.id)
             .field("generation", &self.generation)
             .field("replay", &self.replay)
             .finish_non_exhaustive()
