@@ -248,6 +248,7 @@ where
                         {
                             request.headers_mut().insert(AUTHORIZATION, header.clone());
                             attempt.generation = current.generation;
+                            attempt.failures = current.failures;
                             if let Some(retry) = attempt.retry.as_mut() {
                                 retry.set_authorization(header.clone());
                             }
@@ -345,18 +346,19 @@ where
     };
     let slot = attempt.as_ref().and_then(|attempt| {
         let slot = attempt.slot(shared)?;
-        Some((Arc::ptr_eq(&slot, &attempt.used), slot, attempt.generation))
+        let same = Arc::ptr_eq(&slot, &attempt.used);
+        Some((same, slot, attempt.generation, attempt.failures))
     });
     match slot {
-        Some((true, slot, generation)) => {
+        Some((true, slot, generation, failures)) => {
             tracing::debug!(credential = %report.credential_id(), status = %parts.status, reason = ?reason, "stale token: asking for a newer credential");
-            let wait =
-                shared
-                    .refresh
-                    .newer_than(&slot, generation, RefreshReason::StaleToken(reason));
+            let reason = RefreshReason::StaleToken(reason);
+            let wait = shared
+                .refresh
+                .newer_than(&slot, generation, failures, reason);
             Decision::Refresh(wait, report)
         }
-        Some((false, slot, _)) => {
+        Some((false, slot, ..)) => {
             // Removed and inserted again while the request was out: whatever generation the new
             // credential is at, it is newer than the one the request used. Retry with it.
             tracing::debug!(credential = %report.credential_id(), "the credential was replaced: retrying with the new one");

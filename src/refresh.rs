@@ -207,13 +207,23 @@ impl<R> Refresh<R>
 where
     R: TokenRefresher,
 {
-    /// Asks for a credential newer than generation `used` of `slot`.
+    /// Asks for a credential newer than generation `used` of `slot`, for a request sent when
+    /// `failed` refreshes of that generation had failed.
     ///
     /// Joins the refresh in flight if there is one; returns the current credential if it is
-    /// already newer; otherwise starts a refresh if the credential is alive and its budget
-    /// allows it. The refresh runs on its own task: cancelling the request that started it
-    /// neither cancels it nor strands the others waiting on it.
-    pub(crate) fn newer_than(&self, slot: &Arc<Slot>, used: u64, reason: RefreshReason) -> Wait {
+    /// already newer; shares the failure of a refresh of the same generation that failed after
+    /// the request was sent (its answer was on the way while the refresh failed: asking again
+    /// at once would turn one failure into as many refresher calls as the budget allows);
+    /// otherwise starts a refresh if the credential is alive and its budget allows it. The
+    /// refresh runs on its own task: cancelling the request that started it neither cancels it
+    /// nor strands the others waiting on it.
+    pub(crate) fn newer_than(
+        &self,
+        slot: &Arc<Slot>,
+        used: u64,
+        failed: u64,
+        reason: RefreshReason,
+    ) -> Wait {
         let mut state = slot.flight.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(rx) = &state.in_flight {
             return Box::pin(wait(rx.clone()));
@@ -227,6 +237,10 @@ where
         }
         if current.dead {
             return ready(Outcome::Dead);
+        }
+        if current.failures != failed {
+            tracing::debug!(credential = %slot.id, generation = current.generation, "a refresh failed since the request was sent: not asking again");
+            return ready(Outcome::Failed);
         }
         let handle = match tokio::runtime::Handle::try_current() {
             Ok(handle) => handle,
@@ -361,6 +375,7 @@ impl Finish {
                 }
                 if credential.access_token() == self.from.credential.access_token() {
                     tracing::warn!(credential = %id, "refresher returned the stale access token again");
+                    self.slot.mark_failed();
                     Outcome::Failed
                 } else {
                     match self.slot.try_install(credential) {
@@ -376,6 +391,7 @@ impl Finish {
                         }
                         Err(error) => {
                             tracing::warn!(credential = %id, %error, "refresher returned an unusable credential");
+                            self.slot.mark_failed();
                             Outcome::Failed
                         }
                     }
@@ -385,7 +401,10 @@ impl Finish {
                 self.slot.mark_dead();
                 Outcome::Dead
             }
-            Ended::Failed => Outcome::Failed,
+            Ended::Failed => {
+                self.slot.mark_failed();
+                Outcome::Failed
+            }
         };
         state.in_flight = None;
         drop(state);

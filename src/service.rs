@@ -140,6 +140,7 @@ where
             Err(error) => return ResponseFuture::failed(inner, shared, error.clone().into()),
         };
         let generation = current.generation;
+        let failures = current.failures;
         let expiring = !current.dead && current.expires_within(shared.refresh_ahead);
         drop(current);
 
@@ -158,13 +159,15 @@ where
             id: named,
             used: slot.clone(),
             generation,
+            failures,
             retry: Some(retry),
             replay,
         };
         if expiring {
-            let wait = shared
-                .refresh
-                .newer_than(slot, generation, RefreshReason::ExpiresSoon);
+            let wait =
+                shared
+                    .refresh
+                    .newer_than(slot, generation, failures, RefreshReason::ExpiresSoon);
             return ResponseFuture::expiring(inner, shared, attempt, wait, request);
         }
         ResponseFuture::first(inner, shared, attempt, request)
@@ -179,6 +182,8 @@ pub(crate) struct Attempt {
     pub(crate) used: Arc<Slot>,
     /// The generation of the credential the request was sent with.
     pub(crate) generation: u64,
+    /// How many refreshes of that generation had failed when the request was sent.
+    pub(crate) failures: u64,
     pub(crate) retry: Option<RetryParts>,
     pub(crate) replay: Replay,
 }
