@@ -17,7 +17,7 @@ use tower_service::Service;
 use crate::body::{Buffered, RequestBody, ResponseBody};
 use crate::classify::{Classify, Verdict};
 use crate::layer::Shared;
-use crate::refresh::{Outcome, RefreshReason, TokenRefresher, Wait};
+use crate::refresh::{Outcome, RefreshReason, Wait};
 use crate::report::{RecoveryReport, Skip};
 use crate::service::Attempt;
 
@@ -117,7 +117,6 @@ where
     S::Error: Into<BoxError>,
     ReqB: Body,
     ResB: Body,
-    R: TokenRefresher,
     C: Classify,
 {
     type Output = Result<Response<ResponseBody<ResB>>, BoxError>;
@@ -307,7 +306,6 @@ fn decide<R, C, B>(
     buffered: &Buffered<B>,
 ) -> Decision
 where
-    R: TokenRefresher,
     C: Classify,
     B: Body,
 {

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -195,18 +195,47 @@ pub(crate) struct FlightState {
 /// A wait for a refresh outcome; boxed because it only exists on the (rare) refresh path.
 pub(crate) type Wait = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
+/// A refresher call in progress, its types erased.
+type Refreshing = Pin<Box<dyn Future<Output = Result<Credential, BoxError>> + Send>>;
+
+/// The refresher, its type erased once, where the layer is built.
+///
+/// Nothing the service and its future do then needs a bound on the refresher's types. Such
+/// bounds (`Error: Into<BoxError>`, `Future: 'static`) cannot be proven for a refresher whose
+/// types hold a `dyn` (a boxed future, a `BoxError`) while the compiler checks that a future
+/// holding the service is `Send` (rust-lang/rust#102211): `tokio::spawn` would refuse a
+/// request on a service whose refresher is, for example, a `service_fn` closure that awaits
+/// another refresher.
+pub(crate) struct DynRefresher(Box<dyn Fn(RefreshRequest) -> Refreshing + Send + Sync>);
+
+impl DynRefresher {
+    pub(crate) fn new<R: TokenRefresher>(refresher: R) -> Self {
+        // The mutex makes any `Send` refresher shareable; it is held only to clone it.
+        let refresher = Mutex::new(refresher);
+        Self(Box::new(move |request| {
+            let refresher = refresher
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let call = Oneshot::new(refresher, request);
+            Box::pin(async move { call.await.map_err(Into::into) })
+        }))
+    }
+
+    fn call(&self, request: RefreshRequest) -> Refreshing {
+        (self.0)(request)
+    }
+}
+
 /// What the layer needs to run refreshes.
-pub(crate) struct Refresh<R> {
-    pub(crate) refresher: R,
+pub(crate) struct Refresh {
+    pub(crate) refresher: DynRefresher,
     pub(crate) credentials: Credentials,
     pub(crate) budget: RefreshBudget,
     pub(crate) timeout: Duration,
 }
 
-impl<R> Refresh<R>
-where
-    R: TokenRefresher,
-{
+impl Refresh {
     /// Asks for a credential newer than generation `used` of `slot`, for a request sent when
     /// `failed` refreshes of that generation had failed.
     ///
@@ -273,8 +302,7 @@ where
             from: current,
             tx: Some(tx),
         };
-        let call =
-            tokio::time::timeout(self.timeout, Oneshot::new(self.refresher.clone(), request));
+        let call = tokio::time::timeout(self.timeout, self.refresher.call(request));
         handle.spawn(async move {
             let result = call.await;
             guard.finish(result);

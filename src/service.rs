@@ -43,7 +43,7 @@ pub struct XaiOAuthRecovery<S, R, C = XaiClassifier> {
     shared: Arc<Shared<R, C>>,
 }
 
-impl<S, R> XaiOAuthRecovery<S, R> {
+impl<S, R: TokenRefresher> XaiOAuthRecovery<S, R> {
     /// Wraps `inner` with xAI's classifier and the default bounds. To change them, use
     /// [`XaiOAuthRecoveryLayer`](crate::XaiOAuthRecoveryLayer).
     pub fn new(inner: S, credentials: Credentials, refresher: R) -> Self {
@@ -102,7 +102,6 @@ where
     S::Error: Into<BoxError>,
     ReqB: Body,
     ResB: Body,
-    R: TokenRefresher,
     C: Classify,
 {
     type Response = Response<ResponseBody<ResB>>;
