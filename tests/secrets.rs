@@ -5,7 +5,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -17,7 +17,6 @@ use hyper_util::rt::TokioExecutor;
 use support::chaos::{ChaosApi, ChaosRefresher, Settings, World};
 use support::*;
 use tower::{BoxError, Layer, Service, ServiceExt};
-use tracing::Dispatch;
 use xai_oauth_recovery::body::RequestBody;
 use xai_oauth_recovery::mock::{Account, MockXai};
 use xai_oauth_recovery::{
@@ -25,27 +24,31 @@ use xai_oauth_recovery::{
     RefreshError, RefreshReason, RefreshRequest, XaiOAuthRecoveryLayer,
 };
 
-/// A TRACE-level subscriber writing into `captured`.
-fn dispatch(captured: &Captured) -> Dispatch {
-    Dispatch::new(
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(captured.clone())
-            .finish(),
-    )
+/// Everything every thread of this test binary logs, at TRACE level.
+///
+/// The subscriber is the binary's global default rather than a per-thread one: with per-thread
+/// defaults, a callsite that another test (running in parallel, without a subscriber) hits
+/// first can have its interest cached as "never", and its events are then lost to the capture.
+fn captured() -> Captured {
+    static CAPTURED: OnceLock<Captured> = OnceLock::new();
+    CAPTURED
+        .get_or_init(|| {
+            let captured = Captured::default();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_ansi(false)
+                .with_writer(captured.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+            captured
+        })
+        .clone()
 }
 
-/// A two-worker runtime whose every thread (workers, blocking pool) logs to `dispatch`.
-fn traced_runtime(dispatch: &Dispatch) -> tokio::runtime::Runtime {
-    let dispatch = dispatch.clone();
+fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .on_thread_start(move || {
-            // The thread's default for the rest of its life: the runtime's threads end with it.
-            std::mem::forget(tracing::dispatcher::set_default(&dispatch));
-        })
         .build()
         .unwrap()
 }
@@ -319,19 +322,14 @@ where
 
 #[test]
 fn no_token_in_tracing_output_through_faults_and_load() {
-    let captured = Captured::default();
-    let dispatch = dispatch(&captured);
-    let runtime = traced_runtime(&dispatch);
+    let captured = captured();
     let mut secrets = BTreeSet::new();
-    tracing::dispatcher::with_default(&dispatch, || {
-        runtime.block_on(async {
-            load(&mut secrets).await;
-            faults(&mut secrets).await;
-            oauth2(&mut secrets).await;
-            echoing_token_endpoint(&mut secrets).await;
-        })
+    runtime().block_on(async {
+        load(&mut secrets).await;
+        faults(&mut secrets).await;
+        oauth2(&mut secrets).await;
+        echoing_token_endpoint(&mut secrets).await;
     });
-    drop(runtime);
 
     let logs = captured.text();
     // The capture saw the layer at work on the runtime's threads, at every level.
@@ -361,6 +359,7 @@ fn no_token_in_tracing_output_through_faults_and_load() {
 
 #[tokio::test]
 async fn debug_and_display_of_every_public_type_redact_secrets() {
+    let captured = captured();
     let secrets: BTreeSet<String> = [
         "at-dbg-s3cr3t",
         "rt-dbg-s3cr3t",
@@ -464,4 +463,5 @@ async fn debug_and_display_of_every_public_type_redact_secrets() {
     }
     // The Authorization header the inner service got is marked sensitive: its Debug hides it.
     assert!(shown[13].contains("Sensitive"), "{}", shown[13]);
+    assert_no_secret(&captured.text(), &secrets, "tracing output");
 }
