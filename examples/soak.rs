@@ -58,7 +58,7 @@ const USAGE: &str =
 /// The accounts, by credential id.
 const IDS: [&str; 4] = ["default", "alice", "bob", "carol"];
 /// The refresh budget per credential.
-const BUDGET: RefreshBudget = RefreshBudget::new(30, Duration::from_secs(60));
+const BUDGET: RefreshBudget = RefreshBudget::new(60, Duration::from_secs(60));
 /// How long the layer waits for a refresh.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A request not finished by then is a hang.
@@ -760,7 +760,7 @@ async fn chaos(soak: Arc<Soak>, seed: u64) {
     let xai = &soak.xai;
     let mut stale_refreshes_until = None;
     while !soak.stop.load(Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(20 + rng.below(180))).await;
+        tokio::time::sleep(Duration::from_millis(50 + rng.below(200))).await;
         if let Some(until) = stale_refreshes_until {
             if Instant::now() >= until {
                 xai.set_refresh_issues_stale_tokens(false);
@@ -770,11 +770,11 @@ async fn chaos(soak: Arc<Soak>, seed: u64) {
         bump(&soak.counts.chaos);
         match rng.below(100) {
             // Access tokens go stale: the 403 a refresh fixes, for every credential at once.
-            0..=29 => xai.expire_access_tokens(),
+            0..=19 => xai.expire_access_tokens(),
             // The token endpoint fails at random for a while, or not.
-            30..=44 => xai.set_token_failure_rate([0.0, 0.0, 0.2, 0.5, 0.9][rng.below(5) as usize]),
+            20..=34 => xai.set_token_failure_rate([0.0, 0.0, 0.2, 0.5, 0.9][rng.below(5) as usize]),
             // The next token requests fail on purpose, some for good (400: sign in again).
-            45..=52 => {
+            35..=42 => {
                 let status = [500, 502, 503, 429, 400][rng.below(5) as usize];
                 xai.fail_next_token_requests(
                     1 + rng.below(3) as u32,
@@ -782,7 +782,7 @@ async fn chaos(soak: Arc<Soak>, seed: u64) {
                 );
             }
             // Latency.
-            53..=64 => {
+            43..=54 => {
                 // Now and then slower than the refresher's timeout.
                 let slowest = if rng.chance(100) { 3_000_000 } else { 50_000 };
                 xai.set_latency(
@@ -791,15 +791,15 @@ async fn chaos(soak: Arc<Soak>, seed: u64) {
                 );
             }
             // Refreshes hand out tokens the API keeps rejecting, for a moment.
-            65..=69 => {
+            55..=59 => {
                 xai.set_refresh_issues_stale_tokens(true);
                 stale_refreshes_until =
                     Some(Instant::now() + Duration::from_millis(50 + rng.below(500)));
             }
             // Refresh tokens revoked: credentials die until signed in again.
-            70..=73 => xai.revoke_refresh_tokens(),
+            60..=63 => xai.revoke_refresh_tokens(),
             // Subscriptions lapse and credits run out, and come back.
-            74..=81 => {
+            64..=79 => {
                 let id = IDS[2 + rng.below(2) as usize];
                 let account = match rng.below(3) {
                     0 => Account::NoSubscription,
