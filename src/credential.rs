@@ -242,6 +242,9 @@ pub(crate) struct Current {
     /// The expiry as a monotonic instant (so that paused time in tests moves it).
     pub(crate) expires: Option<tokio::time::Instant>,
     pub(crate) dead: bool,
+    /// How many refreshes of this generation failed: a request sent before a failure shares
+    /// it instead of asking again.
+    pub(crate) failures: u64,
 }
 
 impl Current {
@@ -260,6 +263,7 @@ impl Current {
             header,
             expires,
             dead: false,
+            failures: 0,
         }
     }
 
@@ -350,8 +354,23 @@ impl Slot {
             header: old.header.clone(),
             expires: old.expires,
             dead: true,
+            failures: old.failures,
         };
         self.current.store(Arc::new(dead));
+    }
+
+    /// Counts a failed refresh of the current generation. Call with the flight lock held.
+    pub(crate) fn mark_failed(&self) {
+        let old = self.current.load_full();
+        let failed = Current {
+            credential: old.credential.clone(),
+            generation: old.generation,
+            header: old.header.clone(),
+            expires: old.expires,
+            dead: old.dead,
+            failures: old.failures + 1,
+        };
+        self.current.store(Arc::new(failed));
     }
 }
 

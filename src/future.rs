@@ -17,7 +17,7 @@ use tower_service::Service;
 use crate::body::{content_length, Buffered, RequestBody, ResponseBody};
 use crate::classify::{Classify, Verdict};
 use crate::layer::Shared;
-use crate::refresh::{Outcome, RefreshReason, TokenRefresher, Wait};
+use crate::refresh::{Outcome, RefreshReason, Wait};
 use crate::report::{RecoveryReport, Skip};
 use crate::service::Attempt;
 
@@ -122,7 +122,6 @@ where
     S::Error: Into<BoxError>,
     ReqB: Body,
     ResB: Body,
-    R: TokenRefresher,
     C: Classify,
 {
     type Output = Result<Response<ResponseBody<ResB>>, BoxError>;
@@ -257,6 +256,7 @@ where
                             request.headers_mut().insert(AUTHORIZATION, header.clone());
                             // The retry sets the header it retries with: its head keeps none.
                             attempt.generation = current.generation;
+                            attempt.failures = current.failures;
                         }
                     } else if let Some(attempt) = this.attempt.as_ref() {
                         tracing::debug!(credential = %attempt.credential_id(), ?outcome, "refresh ahead of expiry did not happen: sending with the current token");
@@ -312,7 +312,6 @@ fn decide<R, C, B>(
     buffered: &Buffered<B>,
 ) -> Decision
 where
-    R: TokenRefresher,
     C: Classify,
     B: Body,
 {
@@ -349,17 +348,25 @@ where
             return Decision::HandBack(report.skip(Skip::Unrecognized));
         }
     };
-    let slot = attempt
-        .as_ref()
-        .and_then(|attempt| Some((attempt.slot(shared)?, attempt.generation)));
+    let slot = attempt.as_ref().and_then(|attempt| {
+        let slot = attempt.slot(shared)?;
+        let same = Arc::ptr_eq(&slot, &attempt.used);
+        Some((same, slot, attempt.generation, attempt.failures))
+    });
     match slot {
-        Some((slot, generation)) => {
+        Some((true, slot, generation, failures)) => {
             tracing::debug!(credential = %report.credential_id(), status = %parts.status, reason = ?reason, "stale token: asking for a newer credential");
-            let wait =
-                shared
-                    .refresh
-                    .newer_than(&slot, generation, RefreshReason::StaleToken(reason));
+            let reason = RefreshReason::StaleToken(reason);
+            let wait = shared
+                .refresh
+                .newer_than(&slot, generation, failures, reason);
             Decision::Refresh(wait, report)
+        }
+        Some((false, slot, ..)) => {
+            // Removed and inserted again while the request was out: whatever generation the new
+            // credential is at, it is newer than the one the request used. Retry with it.
+            tracing::debug!(credential = %report.credential_id(), "the credential was replaced: retrying with the new one");
+            Decision::Refresh(crate::refresh::current(&slot), report)
         }
         None => {
             tracing::debug!(credential = %report.credential_id(), "the credential was removed: no refresh");

@@ -1,6 +1,7 @@
 //! The layer and its builder.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use tower_layer::Layer;
 use crate::budget::RefreshBudget;
 use crate::classify::{Classify, XaiClassifier};
 use crate::credential::Credentials;
-use crate::refresh::Refresh;
+use crate::refresh::{DynRefresher, Refresh, TokenRefresher};
 use crate::service::XaiOAuthRecovery;
 
 pub(crate) const DEFAULT_REFRESH_TIMEOUT: Duration = Duration::from_secs(20);
@@ -41,14 +42,15 @@ impl Default for Settings {
 
 /// What every clone of a service shares: credentials, refresher, classifier and settings.
 pub(crate) struct Shared<R, C> {
-    pub(crate) refresh: Refresh<R>,
+    pub(crate) refresh: Refresh,
+    _refresher: PhantomData<fn() -> R>,
     pub(crate) classifier: C,
     pub(crate) refresh_ahead: Duration,
     pub(crate) max_error_body_bytes: usize,
     pub(crate) max_replay_body_bytes: usize,
 }
 
-impl<R, C> Shared<R, C> {
+impl<R: TokenRefresher, C> Shared<R, C> {
     pub(crate) fn new(
         credentials: Credentials,
         refresher: R,
@@ -57,11 +59,12 @@ impl<R, C> Shared<R, C> {
     ) -> Self {
         Self {
             refresh: Refresh {
-                refresher,
+                refresher: DynRefresher::new(refresher),
                 credentials,
                 budget: settings.budget,
                 timeout: settings.refresh_timeout,
             },
+            _refresher: PhantomData,
             classifier,
             refresh_ahead: settings.refresh_ahead,
             max_error_body_bytes: settings.max_error_body_bytes,
@@ -189,7 +192,7 @@ impl<R, C> XaiOAuthRecoveryLayer<R, C> {
     /// What the services share, built from the layer's configuration.
     pub(crate) fn shared(&self) -> Shared<R, C>
     where
-        R: Clone,
+        R: TokenRefresher,
         C: Clone,
     {
         Shared::new(
@@ -201,7 +204,7 @@ impl<R, C> XaiOAuthRecoveryLayer<R, C> {
     }
 }
 
-impl<S, R: Clone, C: Clone> Layer<S> for XaiOAuthRecoveryLayer<R, C> {
+impl<S, R: TokenRefresher, C: Clone> Layer<S> for XaiOAuthRecoveryLayer<R, C> {
     type Service = XaiOAuthRecovery<S, R, C>;
 
     fn layer(&self, inner: S) -> Self::Service {

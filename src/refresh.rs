@@ -4,7 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -195,25 +195,64 @@ pub(crate) struct FlightState {
 /// A wait for a refresh outcome; boxed because it only exists on the (rare) refresh path.
 pub(crate) type Wait = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
+/// A refresher call in progress, its types erased.
+type Refreshing = Pin<Box<dyn Future<Output = Result<Credential, BoxError>> + Send>>;
+
+/// The refresher, its type erased once, where the layer is built.
+///
+/// Nothing the service and its future do then needs a bound on the refresher's types. Such
+/// bounds (`Error: Into<BoxError>`, `Future: 'static`) cannot be proven for a refresher whose
+/// types hold a `dyn` (a boxed future, a `BoxError`) while the compiler checks that a future
+/// holding the service is `Send` (rust-lang/rust#102211): `tokio::spawn` would refuse a
+/// request on a service whose refresher is, for example, a `service_fn` closure that awaits
+/// another refresher.
+pub(crate) struct DynRefresher(Box<dyn Fn(RefreshRequest) -> Refreshing + Send + Sync>);
+
+impl DynRefresher {
+    pub(crate) fn new<R: TokenRefresher>(refresher: R) -> Self {
+        // The mutex makes any `Send` refresher shareable; it is held only to clone it.
+        let refresher = Mutex::new(refresher);
+        Self(Box::new(move |request| {
+            let refresher = refresher
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let call = Oneshot::new(refresher, request);
+            Box::pin(async move { call.await.map_err(Into::into) })
+        }))
+    }
+
+    fn call(&self, request: RefreshRequest) -> Refreshing {
+        (self.0)(request)
+    }
+}
+
 /// What the layer needs to run refreshes.
-pub(crate) struct Refresh<R> {
-    pub(crate) refresher: R,
+pub(crate) struct Refresh {
+    pub(crate) refresher: DynRefresher,
     pub(crate) credentials: Credentials,
     pub(crate) budget: RefreshBudget,
     pub(crate) timeout: Duration,
 }
 
-impl<R> Refresh<R>
-where
-    R: TokenRefresher,
-{
-    /// Asks for a credential newer than generation `used` of `slot`.
+impl Refresh {
+    /// Asks for a credential newer than generation `used` of `slot`, for a request sent when
+    /// `failed` refreshes of that generation had failed.
     ///
     /// Joins the refresh in flight if there is one; returns the current credential if it is
-    /// already newer; otherwise starts a refresh if the credential is alive and its budget
-    /// allows it. The refresh runs on its own task: cancelling the request that started it
-    /// neither cancels it nor strands the others waiting on it.
-    pub(crate) fn newer_than(&self, slot: &Arc<Slot>, used: u64, reason: RefreshReason) -> Wait {
+    /// already newer; shares the failure of a refresh of the same generation that failed after
+    /// the request was sent (its answer was on the way while the refresh failed: asking again
+    /// at once would turn one failure into as many refresher calls as the budget allows);
+    /// otherwise starts a refresh if the credential is alive and its budget allows it. The
+    /// refresh runs on its own task: cancelling the request that started it neither cancels it
+    /// nor strands the others waiting on it.
+    pub(crate) fn newer_than(
+        &self,
+        slot: &Arc<Slot>,
+        used: u64,
+        failed: u64,
+        reason: RefreshReason,
+    ) -> Wait {
         let mut state = slot.flight.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(rx) = &state.in_flight {
             return waiting(rx.clone());
@@ -227,6 +266,10 @@ where
         }
         if current.dead {
             return ready(Outcome::Dead);
+        }
+        if current.failures != failed {
+            tracing::debug!(credential = %slot.id, generation = current.generation, "a refresh failed since the request was sent: not asking again");
+            return ready(Outcome::Failed);
         }
         let handle = match tokio::runtime::Handle::try_current() {
             Ok(handle) => handle,
@@ -259,8 +302,7 @@ where
             from: current,
             tx: Some(tx),
         };
-        let call =
-            tokio::time::timeout(self.timeout, Oneshot::new(self.refresher.clone(), request));
+        let call = tokio::time::timeout(self.timeout, self.refresher.call(request));
         handle.spawn(async move {
             let result = call.await;
             guard.finish(result);
@@ -275,6 +317,14 @@ where
 /// other one again at each turn, a cost quadratic in the number of waiting requests.
 fn waiting(rx: watch::Receiver<Option<Outcome>>) -> Wait {
     Box::pin(tokio::task::unconstrained(wait(rx)))
+}
+
+/// The slot's current credential, as the outcome of a wait that needs no refresh.
+pub(crate) fn current(slot: &Slot) -> Wait {
+    ready(Outcome::Fresh {
+        current: slot.load_full(),
+        refreshed: false,
+    })
 }
 
 fn ready(outcome: Outcome) -> Wait {
@@ -361,6 +411,7 @@ impl Finish {
                 }
                 if credential.access_token() == self.from.credential.access_token() {
                     tracing::warn!(credential = %id, "refresher returned the stale access token again");
+                    self.slot.mark_failed();
                     Outcome::Failed
                 } else {
                     match self.slot.try_install(credential) {
@@ -376,6 +427,7 @@ impl Finish {
                         }
                         Err(error) => {
                             tracing::warn!(credential = %id, %error, "refresher returned an unusable credential");
+                            self.slot.mark_failed();
                             Outcome::Failed
                         }
                     }
@@ -385,7 +437,10 @@ impl Finish {
                 self.slot.mark_dead();
                 Outcome::Dead
             }
-            Ended::Failed => Outcome::Failed,
+            Ended::Failed => {
+                self.slot.mark_failed();
+                Outcome::Failed
+            }
         };
         state.in_flight = None;
         drop(state);

@@ -133,7 +133,7 @@ pub struct XaiOAuthRecoveryMiddleware<R, C = XaiClassifier> {
     shared: Arc<Shared<R, C>>,
 }
 
-impl<R: Clone> XaiOAuthRecoveryMiddleware<R> {
+impl<R: TokenRefresher> XaiOAuthRecoveryMiddleware<R> {
     /// A middleware that authorizes requests with `credentials` and refreshes them with
     /// `refresher`, with xAI's classifier and the default bounds.
     pub fn new(credentials: Credentials, refresher: R) -> Self {
@@ -141,7 +141,7 @@ impl<R: Clone> XaiOAuthRecoveryMiddleware<R> {
     }
 }
 
-impl<R: Clone, C: Clone> XaiOAuthRecoveryMiddleware<R, C> {
+impl<R: TokenRefresher, C: Clone> XaiOAuthRecoveryMiddleware<R, C> {
     settings_builders!();
 
     /// Uses another classifier, for example one for another OAuth provider.
@@ -165,7 +165,9 @@ impl<R, C> XaiOAuthRecoveryMiddleware<R, C> {
 }
 
 /// A middleware with the layer's configuration.
-impl<R: Clone, C: Clone> From<XaiOAuthRecoveryLayer<R, C>> for XaiOAuthRecoveryMiddleware<R, C> {
+impl<R: TokenRefresher, C: Clone> From<XaiOAuthRecoveryLayer<R, C>>
+    for XaiOAuthRecoveryMiddleware<R, C>
+{
     fn from(config: XaiOAuthRecoveryLayer<R, C>) -> Self {
         let shared = Arc::new(config.shared());
         Self { config, shared }

@@ -44,7 +44,7 @@ pub struct XaiOAuthRecovery<S, R, C = XaiClassifier> {
     shared: Arc<Shared<R, C>>,
 }
 
-impl<S, R> XaiOAuthRecovery<S, R> {
+impl<S, R: TokenRefresher> XaiOAuthRecovery<S, R> {
     /// Wraps `inner` with xAI's classifier and the default bounds. To change them, use
     /// [`XaiOAuthRecoveryLayer`](crate::XaiOAuthRecoveryLayer).
     pub fn new(inner: S, credentials: Credentials, refresher: R) -> Self {
@@ -103,7 +103,6 @@ where
     S::Error: Into<BoxError>,
     ReqB: Body,
     ResB: Body,
-    R: TokenRefresher,
     C: Classify,
 {
     type Response = Response<ResponseBody<ResB>>;
@@ -141,6 +140,7 @@ where
             Err(error) => return ResponseFuture::failed(inner, shared, error.clone().into()),
         };
         let generation = current.generation;
+        let failures = current.failures;
         let expiring = !current.dead && current.expires_within(shared.refresh_ahead);
         drop(current);
 
@@ -151,15 +151,17 @@ where
         let request = Request::from_parts(parts, body);
         let attempt = Attempt {
             id: named,
-            slot_id: slot.id.clone(),
+            used: slot.clone(),
             generation,
+            failures,
             retry: Some(retry),
             replay,
         };
         if expiring {
-            let wait = shared
-                .refresh
-                .newer_than(slot, generation, RefreshReason::ExpiresSoon);
+            let wait =
+                shared
+                    .refresh
+                    .newer_than(slot, generation, failures, RefreshReason::ExpiresSoon);
             return ResponseFuture::expiring(inner, shared, attempt, wait, request);
         }
         ResponseFuture::first(inner, shared, attempt, request)
@@ -170,14 +172,19 @@ where
 pub(crate) struct Attempt {
     /// The credential the request named, `None` for the default one.
     pub(crate) id: Option<CredentialId>,
-    pub(crate) slot_id: Arc<str>,
+    /// The slot of the credential the request was sent with.
+    pub(crate) used: Arc<Slot>,
     /// The generation of the credential the request was sent with.
     pub(crate) generation: u64,
+    /// How many refreshes of that generation had failed when the request was sent.
+    pub(crate) failures: u64,
     pub(crate) retry: Option<RetryParts>,
     pub(crate) replay: Replay,
 }
 
 impl Attempt {
+    /// The slot that holds the request's credential now: the one the request used, another one
+    /// if the credential was removed and inserted again since, or none if it was removed.
     pub(crate) fn slot<R, C>(&self, shared: &Shared<R, C>) -> Option<Arc<Slot>> {
         let credentials = &shared.refresh.credentials;
         match &self.id {
@@ -188,7 +195,7 @@ impl Attempt {
 
     pub(crate) fn credential_id(&self) -> Arc<str> {
         match &self.id {
-            None => self.slot_id.clone(),
+            None => self.used.id.clone(),
             Some(id) => id.as_arc().clone(),
         }
     }
@@ -197,7 +204,7 @@ impl Attempt {
 impl fmt::Debug for Attempt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Attempt")
-            .field("credential", &self.slot_id)
+            .field("credential", &self.used.id)
             .field("generation", &self.generation)
             .field("replay", &self.replay)
             .finish_non_exhaustive()

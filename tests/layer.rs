@@ -856,6 +856,45 @@ async fn service_fn_refresher_and_spawned_futures_compile_and_work() {
     assert_eq!(handle.await.unwrap().unwrap(), StatusCode::OK);
 }
 
+/// Refreshers whose types hold a `dyn` (a boxed future, a `BoxError` inside an awaited future)
+/// trip rust-lang/rust#102211 when the bounds on them are part of the service's `Service`
+/// impl: such a service could not be moved into `tokio::spawn`. This only has to compile.
+#[tokio::test]
+async fn refreshers_holding_dyn_types_work_in_spawned_requests() {
+    type Boxed =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Credential, BoxError>> + Send>>;
+    let api = MockApi::new();
+    api.answer("new", Answer::Ok);
+    api.answer("default-fresh-1", Answer::Ok);
+
+    // A closure returning a boxed future.
+    let boxed = tower::service_fn(|req: xai_oauth_recovery::RefreshRequest| -> Boxed {
+        Box::pin(async move { Ok(Credential::new(req.stale().id(), "new")) })
+    });
+    let svc =
+        XaiOAuthRecoveryLayer::new(Credentials::new(Credential::new("default", "old")), boxed)
+            .layer(api.clone());
+    let status = tokio::spawn(async move { svc.oneshot(request("x")).await.map(|r| r.status()) });
+    assert_eq!(status.await.unwrap().unwrap(), StatusCode::OK);
+
+    // A closure that wraps another refresher (to log or persist what it hands out).
+    let inner = Refresher::new();
+    let wrapping = tower::service_fn(move |req: xai_oauth_recovery::RefreshRequest| {
+        let mut inner = inner.clone();
+        async move {
+            let credential = inner.ready().await?.call(req).await?;
+            Ok::<_, BoxError>(credential)
+        }
+    });
+    let svc = XaiOAuthRecoveryLayer::new(
+        Credentials::new(Credential::new("default", "old")),
+        wrapping,
+    )
+    .layer(api);
+    let status = tokio::spawn(async move { svc.oneshot(request("x")).await.map(|r| r.status()) });
+    assert_eq!(status.await.unwrap().unwrap(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn no_token_in_debug_or_tracing_output() {
     let captured = Captured::default();

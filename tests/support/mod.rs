@@ -1,5 +1,8 @@
-//! A mock xAI tower service, a counting refresher and test bodies.
+//! A mock xAI tower service, a counting refresher, test bodies, and the randomized world of the
+//! fault and load tests.
 #![allow(dead_code, unreachable_pub)]
+
+pub mod chaos;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -155,21 +158,49 @@ pub fn respond(answer: Answer, echo: Bytes) -> Response<TestBody> {
 }
 
 /// A refresher that hands out `fresh-1`, `fresh-2`, ... and counts its calls.
+///
+/// It also records what it saw and did: the stale access tokens it was asked to replace, every
+/// token it issued, and the most calls it ever had running at once.
 #[derive(Clone)]
 pub struct Refresher {
     pub calls: Arc<AtomicUsize>,
     behaviour: Arc<Mutex<Behaviour>>,
+    book: Arc<Mutex<Book>>,
+    active: Arc<AtomicUsize>,
+    max_active: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct Book {
+    stale: Vec<String>,
+    issued: Vec<String>,
 }
 
 #[derive(Clone)]
 pub enum Behaviour {
-    Fresh { delay: Duration },
+    Fresh {
+        delay: Duration,
+    },
+    /// Fresh, after answering `Pending` (waking itself) `polls` times: a refresh that takes a
+    /// few polls without any timer.
+    Yield {
+        polls: usize,
+    },
     Transient,
     Terminal,
     Hang,
     Panic,
     Same,
     Invalid,
+}
+
+/// Counts one running refresher call until it is dropped.
+struct Active(Arc<AtomicUsize>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Refresher {
@@ -183,6 +214,9 @@ impl Refresher {
         Self {
             calls: Arc::new(AtomicUsize::new(0)),
             behaviour: Arc::new(Mutex::new(behaviour)),
+            book: Arc::default(),
+            active: Arc::default(),
+            max_active: Arc::default(),
         }
     }
 
@@ -192,6 +226,32 @@ impl Refresher {
 
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    /// The access tokens it was asked to replace, in order.
+    pub fn stale_seen(&self) -> Vec<String> {
+        self.book.lock().unwrap().stale.clone()
+    }
+
+    /// Every access and refresh token it handed out.
+    pub fn issued(&self) -> Vec<String> {
+        self.book.lock().unwrap().issued.clone()
+    }
+
+    /// The most calls that ever ran at once.
+    pub fn max_active(&self) -> usize {
+        self.max_active.load(Ordering::SeqCst)
+    }
+
+    /// Calls running now (created and not yet dropped).
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// How many handles on its shared state exist (itself included): back to the baseline once
+    /// every refresh task has ended.
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.book)
     }
 }
 
@@ -207,33 +267,192 @@ impl Service<RefreshRequest> for Refresher {
     fn call(&mut self, req: RefreshRequest) -> Self::Future {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let behaviour = self.behaviour.lock().unwrap().clone();
+        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_active.fetch_max(now, Ordering::SeqCst);
+        let active = Active(self.active.clone());
+        self.book
+            .lock()
+            .unwrap()
+            .stale
+            .push(req.stale().access_token().secret().to_owned());
+        let book = self.book.clone();
         Box::pin(async move {
             let id = req.stale().id().to_owned();
-            match behaviour {
+            let fresh = |book: &Mutex<Book>| {
+                let access = format!("{id}-fresh-{n}");
+                let refresh = format!("{id}-refresh-{n}");
+                let mut book = book.lock().unwrap();
+                book.issued.push(access.clone());
+                book.issued.push(refresh.clone());
+                Credential::new(id.clone(), access).with_refresh_token(refresh)
+            };
+            let result = match behaviour {
                 Behaviour::Fresh { delay } => {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    Ok(Credential::new(id.clone(), format!("{id}-fresh-{n}"))
-                        .with_refresh_token(format!("{id}-refresh-{n}")))
+                    Ok(fresh(&book))
+                }
+                Behaviour::Yield { polls } => {
+                    for _ in 0..polls {
+                        yield_once().await;
+                    }
+                    Ok(fresh(&book))
                 }
                 Behaviour::Transient => {
                     Err(RefreshError::transient("token endpoint answered 503").into())
                 }
                 Behaviour::Terminal => Err(RefreshError::terminal("invalid_grant").into()),
                 Behaviour::Hang => std::future::pending().await,
-                Behaviour::Panic => panic!("refresher panicked"),
+                Behaviour::Panic => {
+                    drop(active);
+                    panic!("refresher panicked")
+                }
                 Behaviour::Same => Ok(req.stale().clone()),
-                Behaviour::Invalid => Ok(Credential::new(id, "bad\ntoken")),
-            }
+                Behaviour::Invalid => Ok(Credential::new(id.clone(), "bad\ntoken")),
+            };
+            drop(active);
+            result
         })
     }
 }
 
+/// Answers `Pending` once, waking itself: one trip through the executor, no timer.
+pub async fn yield_once() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// A service in front of another that makes it take its time: `poll_ready` answers `Pending`
+/// (waking) every other time, each call answers `Pending` `polls` times before the inner
+/// future runs, and response bodies come in `chunk`-byte frames with a `Pending` before each.
+/// It puts an await point at every step of a request's path, without a timer.
+#[derive(Clone)]
+pub struct Stutter<S> {
+    inner: S,
+    polls: usize,
+    chunk: usize,
+    owe_pending: bool,
+}
+
+impl<S> Stutter<S> {
+    pub fn new(inner: S, polls: usize, chunk: usize) -> Self {
+        Self {
+            inner,
+            polls,
+            chunk,
+            owe_pending: true,
+        }
+    }
+}
+
+impl<S, Req> Service<Req> for Stutter<S>
+where
+    S: Service<Req, Response = Response<TestBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<TestBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<TestBody>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        if self.owe_pending {
+            self.owe_pending = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let ready = self.inner.poll_ready(cx);
+        if ready.is_ready() {
+            self.owe_pending = true;
+        }
+        ready
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let polls = self.polls;
+        let chunk = self.chunk;
+        let future = self.inner.call(req);
+        Box::pin(async move {
+            for _ in 0..polls {
+                yield_once().await;
+            }
+            let response = future.await?;
+            Ok(response.map(|body| body.stutter(chunk)))
+        })
+    }
+}
+
+/// A small seeded generator (xorshift64*): the same seed, the same draws.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        // Any seed, zero included: mix it so that it never is zero.
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n` (`0` when `n` is `0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+
+    /// `true` with probability `per_mille / 1000`.
+    pub fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+
+    /// `len` pseudo-random bytes.
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next_u64() as u8).collect()
+    }
+
+    /// One of `items`.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// The 64-bit FNV-1a hash, to check bodies byte for byte.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// A body made of scripted frames, possibly with an error, delivered one per poll.
+///
+/// A `slow` body answers `Pending` (waking itself) before every frame, as a body streaming from
+/// a network does. A `tracked` body holds a clone of a shared `Arc<()>` until it is dropped, so
+/// that a test can count the bodies still alive.
 pub struct TestBody {
     frames: VecDeque<Result<Frame<Bytes>, std::io::Error>>,
-    hint: Option<u64>,
+    hint: Option<http_body::SizeHint>,
+    slow: bool,
+    owe_pending: bool,
+    tracker: Option<Arc<()>>,
 }
 
 impl TestBody {
@@ -245,10 +464,7 @@ impl TestBody {
         } else {
             VecDeque::from([Ok(Frame::data(data))])
         };
-        Self {
-            frames,
-            hint: Some(len),
-        }
+        Self::from_frames(frames, Some(http_body::SizeHint::with_exact(len)))
     }
 
     /// `data` cut into `chunk`-sized frames, with no size hint.
@@ -257,7 +473,33 @@ impl TestBody {
             .chunks(chunk.max(1))
             .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
             .collect();
-        Self { frames, hint: None }
+        Self::from_frames(frames, None)
+    }
+
+    /// `data` cut at the sizes `sizes` gives (each at least 1), with no size hint.
+    pub fn split(data: &[u8], mut sizes: impl FnMut() -> usize) -> Self {
+        let mut frames = VecDeque::new();
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n = sizes().clamp(1, rest.len());
+            frames.push_back(Ok(Frame::data(Bytes::copy_from_slice(&rest[..n]))));
+            rest = &rest[n..];
+        }
+        Self::from_frames(frames, None)
+    }
+
+    /// Exactly these frames, with this size hint (`None`: the default hint).
+    pub fn from_frames(
+        frames: VecDeque<Result<Frame<Bytes>, std::io::Error>>,
+        hint: Option<http_body::SizeHint>,
+    ) -> Self {
+        Self {
+            frames,
+            hint,
+            slow: false,
+            owe_pending: false,
+            tracker: None,
+        }
     }
 
     pub fn with_trailers(mut self, trailers: HeaderMap) -> Self {
@@ -272,6 +514,37 @@ impl TestBody {
         self.hint = None;
         self
     }
+
+    /// Answers `Pending` once before every frame.
+    pub fn slow(mut self) -> Self {
+        self.slow = true;
+        self.owe_pending = true;
+        self
+    }
+
+    /// Holds a clone of `tracker` while the body lives.
+    pub fn tracked(mut self, tracker: &Arc<()>) -> Self {
+        self.tracker = Some(tracker.clone());
+        self
+    }
+
+    /// Cuts the data frames into `chunk`-sized ones and makes the body slow.
+    pub fn stutter(mut self, chunk: usize) -> Self {
+        let mut frames = VecDeque::new();
+        for frame in self.frames.drain(..) {
+            match frame {
+                Ok(frame) if frame.is_data() => {
+                    let data = frame.into_data().unwrap_or_default();
+                    for c in data.chunks(chunk.max(1)) {
+                        frames.push_back(Ok(Frame::data(Bytes::copy_from_slice(c))));
+                    }
+                }
+                other => frames.push_back(other),
+            }
+        }
+        self.frames = frames;
+        self.slow()
+    }
 }
 
 impl Body for TestBody {
@@ -280,8 +553,16 @@ impl Body for TestBody {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.slow && !self.frames.is_empty() {
+            if self.owe_pending {
+                self.owe_pending = false;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.owe_pending = true;
+        }
         Poll::Ready(self.frames.pop_front())
     }
 
@@ -290,10 +571,7 @@ impl Body for TestBody {
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        match self.hint {
-            Some(len) => http_body::SizeHint::with_exact(len),
-            None => http_body::SizeHint::default(),
-        }
+        self.hint.unwrap_or_default()
     }
 }
 
