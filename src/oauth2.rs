@@ -576,6 +576,22 @@ enum Read {
     Failed(BoxError),
 }
 
+impl Read {
+    /// The whole body, or a transient error: `too_large` when it passed the cap, `failed`
+    /// (with the cause) when reading it failed.
+    fn into_bytes(
+        self,
+        too_large: &'static str,
+        failed: &'static str,
+    ) -> Result<Bytes, RefreshError> {
+        match self {
+            Read::Complete(bytes) => Ok(bytes),
+            Read::TooLarge => Err(RefreshError::transient(too_large)),
+            Read::Failed(error) => Err(RefreshError::transient(Failure::new(failed, error))),
+        }
+    }
+}
+
 /// Sends `request` and reads the answer's body up to [`MAX_BODY_BYTES`]. Owns everything it
 /// holds across an `.await`, so its future is `Send` whenever its parts are.
 async fn exchange<S, B, ResB>(
@@ -683,20 +699,10 @@ fn answer(
         };
         return Err(error_answer(status, body, secrets));
     }
-    let bytes = match body {
-        Read::Complete(bytes) => bytes,
-        Read::TooLarge => {
-            return Err(RefreshError::transient(
-                "the token response is larger than 65536 bytes",
-            ))
-        }
-        Read::Failed(error) => {
-            return Err(RefreshError::transient(Failure::new(
-                "reading the token response failed",
-                error,
-            )))
-        }
-    };
+    let bytes = body.into_bytes(
+        "the token response is larger than 65536 bytes",
+        "reading the token response failed",
+    )?;
     let mut token: TokenResponse = match from_object(&bytes) {
         Ok(token) => token,
         Err(error) => {
@@ -809,20 +815,10 @@ fn discovered_endpoint(status: StatusCode, body: Read) -> Result<Uri, RefreshErr
             },
         );
     }
-    let bytes = match body {
-        Read::Complete(bytes) => bytes,
-        Read::TooLarge => {
-            return Err(RefreshError::transient(
-                "the discovery document is larger than 65536 bytes",
-            ))
-        }
-        Read::Failed(error) => {
-            return Err(RefreshError::transient(Failure::new(
-                "reading the discovery document failed",
-                error,
-            )))
-        }
-    };
+    let bytes = body.into_bytes(
+        "the discovery document is larger than 65536 bytes",
+        "reading the discovery document failed",
+    )?;
     #[derive(Deserialize)]
     struct Discovery {
         token_endpoint: Option<String>,
