@@ -12,9 +12,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue, Request};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+
+use crate::service::RetryParts;
 
 pin_project! {
     /// The request body the layer hands to the inner service.
@@ -32,7 +34,7 @@ pin_project! {
     #[project = RequestKindProj]
     enum RequestKind<B> {
         Empty,
-        Recording { #[pin] body: B, tape: Arc<Mutex<Tape>> },
+        Recording { #[pin] body: B, kept: Arc<Mutex<Kept>> },
         Passthrough { #[pin] body: B },
         Replay { chunks: VecDeque<Bytes>, trailers: Option<HeaderMap> },
     }
@@ -42,21 +44,31 @@ impl<B> RequestBody<B>
 where
     B: Body,
 {
-    /// Wraps `body` for a first attempt, recording up to `limit` bytes for a replay.
-    pub(crate) fn new(body: B, limit: usize) -> (Self, Replay) {
+    /// Wraps `body` for a first attempt, recording up to `limit` bytes for a replay, and keeps
+    /// `head` beside the recording for the retry: one allocation per request, shared by the
+    /// body (which records) and the response future (which replays).
+    pub(crate) fn new(body: B, limit: usize, head: RetryParts) -> (Self, Retained) {
+        let keep = |state| {
+            Arc::new(Mutex::new(Kept {
+                head: Some(head),
+                tape: Tape::new(limit, state),
+            }))
+        };
         if body.is_end_stream() {
-            return (Self::empty(), Replay::Empty);
+            let kept = keep(TapeState::Complete);
+            return (Self::empty(), Retained(kept));
         }
         if body.size_hint().lower() > limit as u64 {
+            let kept = keep(TapeState::Lost);
             let kind = RequestKind::Passthrough { body };
-            return (Self { kind }, Replay::Impossible);
+            return (Self { kind }, Retained(kept));
         }
-        let tape = Arc::new(Mutex::new(Tape::new(limit)));
+        let kept = keep(TapeState::Recording);
         let kind = RequestKind::Recording {
             body,
-            tape: tape.clone(),
+            kept: kept.clone(),
         };
-        (Self { kind }, Replay::Tape(tape))
+        (Self { kind }, Retained(kept))
     }
 }
 
@@ -92,11 +104,11 @@ impl<B> RequestBody<B> {
                 }
             },
             RequestKind::Replay { .. } => return None,
-            RequestKind::Recording { body, tape } => {
+            RequestKind::Recording { body, kept } => {
                 let bytes = whole(body)?;
-                let mut tape = tape.lock().unwrap_or_else(PoisonError::into_inner);
-                tape.record(&bytes);
-                tape.end();
+                let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
+                kept.tape.record(&bytes);
+                kept.tape.end();
                 bytes
             }
             RequestKind::Passthrough { body } => whole(body)?,
@@ -123,9 +135,10 @@ where
                 let frame = ready!(body.poll_frame(cx));
                 Poll::Ready(frame.map(|res| res.map(|frame| frame.map_data(into_bytes))))
             }
-            RequestKindProj::Recording { mut body, tape } => {
+            RequestKindProj::Recording { mut body, kept } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
-                let mut tape = tape.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
+                let tape = &mut kept.tape;
                 match frame {
                     Some(Ok(frame)) => {
                         let frame = frame.map_data(into_bytes);
@@ -224,14 +237,14 @@ enum TapeState {
 }
 
 impl Tape {
-    fn new(limit: usize) -> Self {
+    fn new(limit: usize, state: TapeState) -> Self {
         Self {
             first: None,
             rest: Vec::new(),
             trailers: None,
             len: 0,
             limit,
-            state: TapeState::Recording,
+            state,
         }
     }
 
@@ -273,50 +286,51 @@ impl Tape {
     }
 }
 
-/// The layer's handle on a request body's replay.
-pub(crate) enum Replay {
-    /// The body was empty: it replays as empty.
-    Empty,
-    /// Over the limit before it started: no replay.
-    Impossible,
-    Tape(Arc<Mutex<Tape>>),
+/// What a request keeps for its retry: its head and its body's recording.
+pub(crate) struct Kept {
+    head: Option<RetryParts>,
+    tape: Tape,
 }
 
-impl Replay {
-    /// A body for the retry, if the first attempt's body was recorded whole.
-    ///
-    /// A body the first attempt did not read to its end, one over the limit and one that
-    /// failed cannot be replayed.
-    pub(crate) fn take<B>(&mut self) -> Option<RequestBody<B>> {
-        match mem::replace(self, Replay::Impossible) {
-            Replay::Empty => Some(RequestBody::empty()),
-            Replay::Impossible => None,
-            Replay::Tape(tape) => {
-                let mut tape = tape.lock().unwrap_or_else(PoisonError::into_inner);
-                if tape.state != TapeState::Complete {
-                    return None;
-                }
-                tape.state = TapeState::Taken;
-                let mut chunks: VecDeque<Bytes> = mem::take(&mut tape.rest).into();
-                if let Some(first) = tape.first.take() {
-                    chunks.push_front(first);
-                }
-                let trailers = tape.trailers.take();
-                Some(RequestBody {
-                    kind: RequestKind::Replay { chunks, trailers },
-                })
-            }
+/// The response future's handle on what its request kept for the retry.
+pub(crate) struct Retained(Arc<Mutex<Kept>>);
+
+impl Retained {
+    /// The request for the retry, with `authorization`, if the first attempt's body was
+    /// recorded whole (an empty body always is). A body the first attempt did not read to its
+    /// end, one over the limit and one that failed cannot be replayed. Only one retry is made.
+    pub(crate) fn take<B>(&self, authorization: HeaderValue) -> Option<Request<RequestBody<B>>> {
+        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let kept = &mut *kept;
+        let tape = &mut kept.tape;
+        if tape.state != TapeState::Complete {
+            return None;
         }
+        let head = kept.head.take()?;
+        tape.state = TapeState::Taken;
+        let body = if tape.first.is_none() && tape.trailers.is_none() {
+            RequestBody::empty()
+        } else {
+            let mut chunks: VecDeque<Bytes> = mem::take(&mut tape.rest).into();
+            if let Some(first) = tape.first.take() {
+                chunks.push_front(first);
+            }
+            let trailers = tape.trailers.take();
+            RequestBody {
+                kind: RequestKind::Replay { chunks, trailers },
+            }
+        };
+        Some(head.into_request(body, authorization))
     }
 }
 
-impl fmt::Debug for Replay {
+impl fmt::Debug for Retained {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Replay::Empty => f.write_str("Empty"),
-            Replay::Impossible => f.write_str("Impossible"),
-            Replay::Tape(_) => f.write_str("Tape"),
-        }
+        let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("Retained")
+            .field("tape", &kept.tape.state)
+            .field("head", &kept.head.is_some())
+            .finish()
     }
 }
 
@@ -567,26 +581,39 @@ mod tests {
         }
     }
 
+    fn hello() -> (RequestBody<Full<Bytes>>, Retained) {
+        let (parts, ()) = Request::new(()).into_parts();
+        let body = Full::new(Bytes::from_static(b"hello"));
+        RequestBody::new(body, 64, RetryParts::new(&parts))
+    }
+
+    fn retry(retained: &Retained) -> Option<RequestBody<Full<Bytes>>> {
+        let authorization = HeaderValue::from_static("Bearer new");
+        let request = retained.take::<Full<Bytes>>(authorization)?;
+        assert_eq!(request.headers()["authorization"], "Bearer new");
+        Some(request.into_body())
+    }
+
     #[tokio::test]
     async fn a_body_taken_whole_is_recorded_for_the_replay() {
-        let (mut body, mut replay) = RequestBody::new(Full::new(Bytes::from_static(b"hello")), 64);
+        let (mut body, retained) = hello();
         let whole = body.take_whole(|_| Some(Bytes::from_static(b"hello")));
         assert_eq!(whole.as_deref(), Some(&b"hello"[..]));
         assert!(body.is_end_stream());
 
-        let again = replay
-            .take::<Full<Bytes>>()
-            .map(|mut body| body.take_whole(|_| None));
+        let again = retry(&retained).map(|mut body| body.take_whole(|_| None));
         assert_eq!(again.flatten().as_deref(), Some(&b"hello"[..]));
+        assert!(retry(&retained).is_none(), "one retry only");
     }
 
     #[tokio::test]
     async fn a_body_not_whole_streams_and_records_as_before() {
-        let (mut body, mut replay) = RequestBody::new(Full::new(Bytes::from_static(b"hello")), 64);
+        let (mut body, retained) = hello();
+        assert!(retry(&retained).is_none(), "not read to its end yet");
         assert_eq!(body.take_whole(|_| None), None);
         let sent = body.collect().await.map(|c| c.to_bytes());
         assert_eq!(sent.ok().as_deref(), Some(&b"hello"[..]));
-        let replayed = match replay.take::<Full<Bytes>>() {
+        let replayed = match retry(&retained) {
             Some(body) => body.collect().await.map(|c| c.to_bytes()).ok(),
             None => None,
         };

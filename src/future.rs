@@ -201,12 +201,9 @@ where
                     };
                     let report = report.set_refreshed(refreshed);
                     let header = current.header.as_ref().ok().cloned();
-                    let retry = attempt.and_then(|attempt| {
-                        let header = header?;
-                        let body = attempt.replay.take::<ReqB>()?;
-                        let parts = attempt.retry.take()?;
-                        Some(parts.into_request(body, header))
-                    });
+                    let retry = attempt
+                        .zip(header)
+                        .and_then(|(attempt, header)| attempt.retained.take::<ReqB>(header));
                     match retry {
                         Some(request) => {
                             tracing::debug!(credential = %report.credential_id(), generation = current.generation, refreshed, "retrying with a newer credential");

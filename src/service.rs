@@ -12,7 +12,7 @@ use http_body::Body;
 use tower::BoxError;
 use tower_service::Service;
 
-use crate::body::{Replay, RequestBody, ResponseBody};
+use crate::body::{RequestBody, ResponseBody, Retained};
 use crate::classify::{Classify, XaiClassifier};
 use crate::credential::{CredentialError, CredentialId, Credentials, Slot};
 use crate::future::ResponseFuture;
@@ -146,16 +146,15 @@ where
 
         let (mut parts, body) = request.into_parts();
         parts.headers.insert(AUTHORIZATION, header);
-        let (body, replay) = RequestBody::new(body, shared.max_replay_body_bytes);
-        let retry = RetryParts::new(&parts);
+        let head = RetryParts::new(&parts);
+        let (body, retained) = RequestBody::new(body, shared.max_replay_body_bytes, head);
         let request = Request::from_parts(parts, body);
         let attempt = Attempt {
             id: named,
             used: slot.clone(),
             generation,
             failures,
-            retry: Some(retry),
-            replay,
+            retained,
         };
         if expiring {
             let wait =
@@ -178,8 +177,8 @@ pub(crate) struct Attempt {
     pub(crate) generation: u64,
     /// How many refreshes of that generation had failed when the request was sent.
     pub(crate) failures: u64,
-    pub(crate) retry: Option<RetryParts>,
-    pub(crate) replay: Replay,
+    /// The request's head and body, kept for the retry.
+    pub(crate) retained: Retained,
 }
 
 impl Attempt {
@@ -206,7 +205,7 @@ impl fmt::Debug for Attempt {
         f.debug_struct("Attempt")
             .field("credential", &self.used.id)
             .field("generation", &self.generation)
-            .field("replay", &self.replay)
+            .field("retained", &self.retained)
             .finish_non_exhaustive()
     }
 }
