@@ -34,9 +34,35 @@ pin_project! {
     #[project = RequestKindProj]
     enum RequestKind<B> {
         Empty,
-        Recording { #[pin] body: B, kept: Arc<Mutex<Kept>> },
+        // `ended` once the tape is: the last poll of the body takes no lock.
+        Recording { #[pin] body: B, kept: Arc<Mutex<Kept>>, ended: bool },
         Passthrough { #[pin] body: B },
-        Replay { chunks: VecDeque<Bytes>, trailers: Option<HeaderMap> },
+        // Boxed: rare, and large beside the others (the body is moved with every request).
+        Replay { replay: Box<Replayed> },
+    }
+}
+
+/// What the first attempt does with a request body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Plan {
+    /// Empty: nothing to record, it replays as empty.
+    Empty,
+    /// Record it while it streams, for a replay.
+    Record,
+    /// Over the limit before it starts: stream it, no replay.
+    Pass,
+}
+
+impl Plan {
+    /// The plan for `body` with a replay limit of `limit` bytes.
+    pub(crate) fn of<B: Body>(body: &B, limit: usize) -> Self {
+        if body.is_end_stream() {
+            Plan::Empty
+        } else if body.size_hint().lower() > limit as u64 {
+            Plan::Pass
+        } else {
+            Plan::Record
+        }
     }
 }
 
@@ -44,31 +70,18 @@ impl<B> RequestBody<B>
 where
     B: Body,
 {
-    /// Wraps `body` for a first attempt, recording up to `limit` bytes for a replay, and keeps
-    /// `head` beside the recording for the retry: one allocation per request, shared by the
-    /// body (which records) and the response future (which replays).
-    pub(crate) fn new(body: B, limit: usize, head: RetryParts) -> (Self, Retained) {
-        let keep = |state| {
-            Arc::new(Mutex::new(Kept {
-                head: Some(head),
-                tape: Tape::new(limit, state),
-            }))
+    /// Wraps `body` for a first attempt, recording it into `retained` when `plan` says so.
+    pub(crate) fn first(body: B, plan: Plan, retained: &Retained) -> Self {
+        let kind = match plan {
+            Plan::Empty => RequestKind::Empty,
+            Plan::Pass => RequestKind::Passthrough { body },
+            Plan::Record => RequestKind::Recording {
+                body,
+                kept: retained.0.clone(),
+                ended: false,
+            },
         };
-        if body.is_end_stream() {
-            let kept = keep(TapeState::Complete);
-            return (Self::empty(), Retained(kept));
-        }
-        if body.size_hint().lower() > limit as u64 {
-            let kept = keep(TapeState::Lost);
-            let kind = RequestKind::Passthrough { body };
-            return (Self { kind }, Retained(kept));
-        }
-        let kept = keep(TapeState::Recording);
-        let kind = RequestKind::Recording {
-            body,
-            kept: kept.clone(),
-        };
-        (Self { kind }, Retained(kept))
+        Self { kind }
     }
 }
 
@@ -76,6 +89,13 @@ impl<B> RequestBody<B> {
     fn empty() -> Self {
         Self {
             kind: RequestKind::Empty,
+        }
+    }
+
+    fn replay(chunks: VecDeque<Bytes>, trailers: Option<HeaderMap>) -> Self {
+        let replay = Box::new(Replayed { chunks, trailers });
+        Self {
+            kind: RequestKind::Replay { replay },
         }
     }
 
@@ -90,21 +110,18 @@ impl<B> RequestBody<B> {
     pub(crate) fn take_whole(&mut self, whole: impl FnOnce(&B) -> Option<Bytes>) -> Option<Bytes> {
         let bytes = match &mut self.kind {
             RequestKind::Empty => Bytes::new(),
-            RequestKind::Replay {
-                chunks,
-                trailers: None,
-            } => match chunks.len() {
+            RequestKind::Replay { replay } if replay.trailers.is_none() => match replay.chunks.len() {
                 0 => Bytes::new(),
-                1 => chunks.pop_front().unwrap_or_default(),
+                1 => replay.chunks.pop_front().unwrap_or_default(),
                 _ => {
-                    let len = chunks.iter().map(Bytes::len).sum();
+                    let len = replay.chunks.iter().map(Bytes::len).sum();
                     let mut all = bytes::BytesMut::with_capacity(len);
-                    chunks.iter().for_each(|chunk| all.extend_from_slice(chunk));
+                    (replay.chunks.iter()).for_each(|chunk| all.extend_from_slice(chunk));
                     all.freeze()
                 }
             },
             RequestKind::Replay { .. } => return None,
-            RequestKind::Recording { body, kept } => {
+            RequestKind::Recording { body, kept, .. } => {
                 let bytes = whole(body)?;
                 let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
                 kept.tape.record(&bytes);
@@ -135,8 +152,11 @@ where
                 let frame = ready!(body.poll_frame(cx));
                 Poll::Ready(frame.map(|res| res.map(|frame| frame.map_data(into_bytes))))
             }
-            RequestKindProj::Recording { mut body, kept } => {
+            RequestKindProj::Recording { mut body, kept, ended } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
+                if *ended {
+                    return Poll::Ready(frame.map(|res| res.map(|frame| frame.map_data(into_bytes))));
+                }
                 let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
                 let tape = &mut kept.tape;
                 match frame {
@@ -149,23 +169,26 @@ where
                         }
                         if body.is_end_stream() {
                             tape.end();
+                            *ended = true;
                         }
                         Poll::Ready(Some(Ok(frame)))
                     }
                     Some(Err(error)) => {
                         tape.fail();
+                        *ended = true;
                         Poll::Ready(Some(Err(error)))
                     }
                     None => {
                         tape.end();
+                        *ended = true;
                         Poll::Ready(None)
                     }
                 }
             }
-            RequestKindProj::Replay { chunks, trailers } => {
-                if let Some(chunk) = chunks.pop_front() {
+            RequestKindProj::Replay { replay } => {
+                if let Some(chunk) = replay.chunks.pop_front() {
                     Poll::Ready(Some(Ok(Frame::data(chunk))))
-                } else if let Some(trailers) = trailers.take() {
+                } else if let Some(trailers) = replay.trailers.take() {
                     Poll::Ready(Some(Ok(Frame::trailers(trailers))))
                 } else {
                     Poll::Ready(None)
@@ -180,7 +203,9 @@ where
             RequestKind::Recording { body, .. } | RequestKind::Passthrough { body } => {
                 body.is_end_stream()
             }
-            RequestKind::Replay { chunks, trailers } => chunks.is_empty() && trailers.is_none(),
+            RequestKind::Replay { replay } => {
+                replay.chunks.is_empty() && replay.trailers.is_none()
+            }
         }
     }
 
@@ -190,8 +215,8 @@ where
             RequestKind::Recording { body, .. } | RequestKind::Passthrough { body } => {
                 body.size_hint()
             }
-            RequestKind::Replay { chunks, .. } => {
-                SizeHint::with_exact(chunks.iter().map(|c| c.len() as u64).sum())
+            RequestKind::Replay { replay } => {
+                SizeHint::with_exact(replay.chunks.iter().map(|c| c.len() as u64).sum())
             }
         }
     }
@@ -213,6 +238,12 @@ fn into_bytes<D: Buf>(mut data: D) -> Bytes {
     // Free for `Bytes`: it splits off the whole buffer without copying.
     let len = data.remaining();
     data.copy_to_bytes(len)
+}
+
+/// A recorded body, replaying.
+struct Replayed {
+    chunks: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
 }
 
 /// The copy of a request body kept for a replay.
@@ -237,6 +268,7 @@ enum TapeState {
 }
 
 impl Tape {
+    #[inline]
     fn new(limit: usize, state: TapeState) -> Self {
         Self {
             first: None,
@@ -288,7 +320,9 @@ impl Tape {
 
 /// What a request keeps for its retry: its head and its body's recording.
 pub(crate) struct Kept {
-    head: Option<RetryParts>,
+    head: RetryParts,
+    /// The head went to the retry.
+    taken: bool,
     tape: Tape,
 }
 
@@ -296,6 +330,30 @@ pub(crate) struct Kept {
 pub(crate) struct Retained(Arc<Mutex<Kept>>);
 
 impl Retained {
+    /// Keeps `head` for the retry of a request whose body goes by `plan`, with a replay limit
+    /// of `limit` bytes: one allocation per request, shared by the body (which records) and
+    /// the response future (which replays).
+    #[inline]
+    pub(crate) fn new<B>(request: &Request<B>, plan: Plan, limit: usize) -> Self {
+        let state = match plan {
+            Plan::Empty => TapeState::Complete,
+            Plan::Record => TapeState::Recording,
+            Plan::Pass => TapeState::Lost,
+        };
+        // Built empty on the heap, then filled where it lies: the head is a few hundred bytes,
+        // and copying it into place would cost more than keeping it.
+        let mut kept = Arc::new(Mutex::new(Kept {
+            head: RetryParts::empty(),
+            taken: false,
+            tape: Tape::new(limit, state),
+        }));
+        if let Some(kept) = Arc::get_mut(&mut kept) {
+            let kept = kept.get_mut().unwrap_or_else(PoisonError::into_inner);
+            kept.head.keep(request);
+        }
+        Self(kept)
+    }
+
     /// The request for the retry, with `authorization`, if the first attempt's body was
     /// recorded whole (an empty body always is). A body the first attempt did not read to its
     /// end, one over the limit and one that failed cannot be replayed. Only one retry is made.
@@ -306,7 +364,11 @@ impl Retained {
         if tape.state != TapeState::Complete {
             return None;
         }
-        let head = kept.head.take()?;
+        if kept.taken {
+            return None;
+        }
+        kept.taken = true;
+        let head = mem::replace(&mut kept.head, RetryParts::empty());
         tape.state = TapeState::Taken;
         let body = if tape.first.is_none() && tape.trailers.is_none() {
             RequestBody::empty()
@@ -316,9 +378,7 @@ impl Retained {
                 chunks.push_front(first);
             }
             let trailers = tape.trailers.take();
-            RequestBody {
-                kind: RequestKind::Replay { chunks, trailers },
-            }
+            RequestBody::replay(chunks, trailers)
         };
         Some(head.into_request(body, authorization))
     }
@@ -329,7 +389,7 @@ impl fmt::Debug for Retained {
         let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         f.debug_struct("Retained")
             .field("tape", &kept.tape.state)
-            .field("head", &kept.head.is_some())
+            .field("taken", &kept.taken)
             .finish()
     }
 }
@@ -570,21 +630,15 @@ mod tests {
     use http_body_util::{BodyExt, Full};
 
     fn replay(chunks: &[&'static str], trailers: Option<HeaderMap>) -> RequestBody<Full<Bytes>> {
-        RequestBody {
-            kind: RequestKind::Replay {
-                chunks: chunks
-                    .iter()
-                    .map(|c| Bytes::from_static(c.as_bytes()))
-                    .collect(),
-                trailers,
-            },
-        }
+        let chunks = chunks.iter().map(|c| Bytes::from_static(c.as_bytes()));
+        RequestBody::replay(chunks.collect(), trailers)
     }
 
     fn hello() -> (RequestBody<Full<Bytes>>, Retained) {
-        let (parts, ()) = Request::new(()).into_parts();
         let body = Full::new(Bytes::from_static(b"hello"));
-        RequestBody::new(body, 64, RetryParts::new(&parts))
+        let plan = Plan::of(&body, 64);
+        let retained = Retained::new(&Request::new(()), plan, 64);
+        (RequestBody::first(body, plan, &retained), retained)
     }
 
     fn retry(retained: &Retained) -> Option<RequestBody<Full<Bytes>>> {

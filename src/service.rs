@@ -12,7 +12,7 @@ use http_body::Body;
 use tower::BoxError;
 use tower_service::Service;
 
-use crate::body::{RequestBody, ResponseBody, Retained};
+use crate::body::{Plan, RequestBody, ResponseBody, Retained};
 use crate::classify::{Classify, XaiClassifier};
 use crate::credential::{CredentialError, CredentialId, Credentials, Slot};
 use crate::future::ResponseFuture;
@@ -144,11 +144,12 @@ where
         let expiring = !current.dead && current.expires_within(shared.refresh_ahead);
         drop(current);
 
-        let (mut parts, body) = request.into_parts();
-        parts.headers.insert(AUTHORIZATION, header);
-        let head = RetryParts::new(&parts);
-        let (body, retained) = RequestBody::new(body, shared.max_replay_body_bytes, head);
-        let request = Request::from_parts(parts, body);
+        let mut request = request;
+        request.headers_mut().insert(AUTHORIZATION, header);
+        let limit = shared.max_replay_body_bytes;
+        let plan = Plan::of(request.body(), limit);
+        let retained = Retained::new(&request, plan, limit);
+        let request = request.map(|body| RequestBody::first(body, plan, &retained));
         let attempt = Attempt {
             id: named,
             used: slot.clone(),
@@ -239,27 +240,43 @@ enum KeptHeaders {
 }
 
 impl KeptHeaders {
-    /// Keeps `headers`, which hold exactly one `Authorization` value.
-    fn new(headers: &HeaderMap) -> Self {
-        if headers.len() > INLINE_HEADERS + 1 {
-            return KeptHeaders::Map(headers.clone());
+    fn empty() -> Self {
+        KeptHeaders::Inline {
+            values: Default::default(),
+            authorization: 0,
         }
-        let mut values: [Option<(HeaderName, HeaderValue)>; INLINE_HEADERS] = Default::default();
-        let (mut kept, mut authorization) = (0, 0);
+    }
+
+    /// Keeps `headers`, which hold exactly one `Authorization` value, in place of the empty
+    /// `self` (written where it lies: the head is large and lives on the heap).
+    #[inline]
+    fn keep(&mut self, headers: &HeaderMap) {
+        let KeptHeaders::Inline {
+            values,
+            authorization,
+        } = self
+        else {
+            *self = KeptHeaders::Map(headers.clone());
+            return;
+        };
+        if headers.len() > INLINE_HEADERS + 1 {
+            *self = KeptHeaders::Map(headers.clone());
+            return;
+        }
+        let mut kept = 0;
         for (name, value) in headers {
             if name == AUTHORIZATION {
-                authorization = kept;
+                *authorization = kept;
                 continue;
             }
             match values.get_mut(kept) {
                 Some(slot) => *slot = Some((name.clone(), value.clone())),
-                None => return KeptHeaders::Map(headers.clone()),
+                None => {
+                    *self = KeptHeaders::Map(headers.clone());
+                    return;
+                }
             }
             kept += 1;
-        }
-        KeptHeaders::Inline {
-            values,
-            authorization,
         }
     }
 
@@ -295,15 +312,26 @@ impl KeptHeaders {
 }
 
 impl RetryParts {
-    /// Keeps the head of a request whose headers hold its `Authorization`.
-    pub(crate) fn new(parts: &http::request::Parts) -> Self {
+    /// An empty head, to keep a request's in.
+    pub(crate) fn empty() -> Self {
         Self {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers: KeptHeaders::new(&parts.headers),
-            extensions: parts.extensions.clone(),
+            method: Method::GET,
+            uri: Uri::default(),
+            version: Version::default(),
+            headers: KeptHeaders::empty(),
+            extensions: Extensions::new(),
         }
+    }
+
+    /// Keeps the head of `request`, whose headers hold its `Authorization`, in place of the
+    /// empty `self`.
+    #[inline]
+    pub(crate) fn keep<B>(&mut self, request: &Request<B>) {
+        self.method = request.method().clone();
+        self.uri = request.uri().clone();
+        self.version = request.version();
+        self.headers.keep(request.headers());
+        self.extensions = request.extensions().clone();
     }
 
     pub(crate) fn into_request<B>(
@@ -361,7 +389,8 @@ mod tests {
                     if auth_at == count {
                         first.insert(AUTHORIZATION, bearer("old"));
                     }
-                    let kept = KeptHeaders::new(&first);
+                    let mut kept = KeptHeaders::empty();
+                    kept.keep(&first);
                     let mut expected = first.clone();
                     expected.insert(AUTHORIZATION, bearer("new"));
                     let retried = kept.into_map(bearer("new"));
