@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::{HeaderMap, HeaderValue, Request};
+use http::{response, HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::report::RecoveryReport;
 use crate::service::RetryParts;
 
 pin_project! {
@@ -37,6 +38,8 @@ pin_project! {
         // `ended` once the tape is: the last poll of the body takes no lock.
         Recording { #[pin] body: B, kept: Arc<Mutex<Kept>>, ended: bool },
         Passthrough { #[pin] body: B },
+        /// A replay of a body that was one chunk, the common case: kept without allocating.
+        Once { chunk: Option<Bytes> },
         // Boxed: rare, and large beside the others (the body is moved with every request).
         Replay { replay: Box<Replayed> },
     }
@@ -110,16 +113,19 @@ impl<B> RequestBody<B> {
     pub(crate) fn take_whole(&mut self, whole: impl FnOnce(&B) -> Option<Bytes>) -> Option<Bytes> {
         let bytes = match &mut self.kind {
             RequestKind::Empty => Bytes::new(),
-            RequestKind::Replay { replay } if replay.trailers.is_none() => match replay.chunks.len() {
-                0 => Bytes::new(),
-                1 => replay.chunks.pop_front().unwrap_or_default(),
-                _ => {
-                    let len = replay.chunks.iter().map(Bytes::len).sum();
-                    let mut all = bytes::BytesMut::with_capacity(len);
-                    (replay.chunks.iter()).for_each(|chunk| all.extend_from_slice(chunk));
-                    all.freeze()
+            RequestKind::Once { chunk } => chunk.take().unwrap_or_default(),
+            RequestKind::Replay { replay } if replay.trailers.is_none() => {
+                match replay.chunks.len() {
+                    0 => Bytes::new(),
+                    1 => replay.chunks.pop_front().unwrap_or_default(),
+                    _ => {
+                        let len = replay.chunks.iter().map(Bytes::len).sum();
+                        let mut all = bytes::BytesMut::with_capacity(len);
+                        (replay.chunks.iter()).for_each(|chunk| all.extend_from_slice(chunk));
+                        all.freeze()
+                    }
                 }
-            },
+            }
             RequestKind::Replay { .. } => return None,
             RequestKind::Recording { body, kept, .. } => {
                 let bytes = whole(body)?;
@@ -152,10 +158,16 @@ where
                 let frame = ready!(body.poll_frame(cx));
                 Poll::Ready(frame.map(|res| res.map(|frame| frame.map_data(into_bytes))))
             }
-            RequestKindProj::Recording { mut body, kept, ended } => {
+            RequestKindProj::Recording {
+                mut body,
+                kept,
+                ended,
+            } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
                 if *ended {
-                    return Poll::Ready(frame.map(|res| res.map(|frame| frame.map_data(into_bytes))));
+                    return Poll::Ready(
+                        frame.map(|res| res.map(|frame| frame.map_data(into_bytes))),
+                    );
                 }
                 let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
                 let tape = &mut kept.tape;
@@ -185,6 +197,9 @@ where
                     }
                 }
             }
+            RequestKindProj::Once { chunk } => {
+                Poll::Ready(chunk.take().map(|c| Ok(Frame::data(c))))
+            }
             RequestKindProj::Replay { replay } => {
                 if let Some(chunk) = replay.chunks.pop_front() {
                     Poll::Ready(Some(Ok(Frame::data(chunk))))
@@ -203,9 +218,8 @@ where
             RequestKind::Recording { body, .. } | RequestKind::Passthrough { body } => {
                 body.is_end_stream()
             }
-            RequestKind::Replay { replay } => {
-                replay.chunks.is_empty() && replay.trailers.is_none()
-            }
+            RequestKind::Once { chunk } => chunk.is_none(),
+            RequestKind::Replay { replay } => replay.chunks.is_empty() && replay.trailers.is_none(),
         }
     }
 
@@ -214,6 +228,9 @@ where
             RequestKind::Empty => SizeHint::with_exact(0),
             RequestKind::Recording { body, .. } | RequestKind::Passthrough { body } => {
                 body.size_hint()
+            }
+            RequestKind::Once { chunk } => {
+                SizeHint::with_exact(chunk.as_ref().map_or(0, |c| c.len() as u64))
             }
             RequestKind::Replay { replay } => {
                 SizeHint::with_exact(replay.chunks.iter().map(|c| c.len() as u64).sum())
@@ -228,7 +245,7 @@ impl<B> fmt::Debug for RequestBody<B> {
             RequestKind::Empty => "empty",
             RequestKind::Recording { .. } => "recording",
             RequestKind::Passthrough { .. } => "passthrough",
-            RequestKind::Replay { .. } => "replay",
+            RequestKind::Once { .. } | RequestKind::Replay { .. } => "replay",
         };
         f.debug_struct("RequestBody").field("kind", &kind).finish()
     }
@@ -370,15 +387,22 @@ impl Retained {
         kept.taken = true;
         let head = mem::replace(&mut kept.head, RetryParts::empty());
         tape.state = TapeState::Taken;
-        let body = if tape.first.is_none() && tape.trailers.is_none() {
-            RequestBody::empty()
-        } else {
-            let mut chunks: VecDeque<Bytes> = mem::take(&mut tape.rest).into();
-            if let Some(first) = tape.first.take() {
-                chunks.push_front(first);
+        let body = match (
+            tape.first.take(),
+            tape.rest.is_empty(),
+            tape.trailers.take(),
+        ) {
+            (None, _, None) => RequestBody::empty(),
+            (chunk, true, None) => RequestBody {
+                kind: RequestKind::Once { chunk },
+            },
+            (first, _, trailers) => {
+                let mut chunks: VecDeque<Bytes> = mem::take(&mut tape.rest).into();
+                if let Some(first) = first {
+                    chunks.push_front(first);
+                }
+                RequestBody::replay(chunks, trailers)
             }
-            let trailers = tape.trailers.take();
-            RequestBody::replay(chunks, trailers)
         };
         Some(head.into_request(body, authorization))
     }
@@ -417,11 +441,7 @@ pin_project! {
         B: Body,
     {
         Inner { #[pin] body: B },
-        Rejoined {
-            prefix: VecDeque<Frame<B::Data>>,
-            error: Option<B::Error>,
-            rest: Option<Pin<Box<B>>>,
-        },
+        Rejoined { held: Pin<Box<Held<B>>> },
     }
 }
 
@@ -429,16 +449,6 @@ impl<B: Body> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
         Self {
             kind: ResponseKind::Inner { body },
-        }
-    }
-
-    pub(crate) fn rejoined(buffered: Buffered<B>) -> Self {
-        Self {
-            kind: ResponseKind::Rejoined {
-                prefix: buffered.frames,
-                error: buffered.error,
-                rest: buffered.rest,
-            },
         }
     }
 }
@@ -453,28 +463,8 @@ impl<B: Body> Body for ResponseBody<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         match self.project().kind.project() {
             ResponseKindProj::Inner { body } => body.poll_frame(cx),
-            ResponseKindProj::Rejoined {
-                prefix,
-                error,
-                rest,
-            } => {
-                if let Some(frame) = prefix.pop_front() {
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                if let Some(error) = error.take() {
-                    *rest = None;
-                    return Poll::Ready(Some(Err(error)));
-                }
-                match rest {
-                    Some(body) => {
-                        let frame = ready!(body.as_mut().poll_frame(cx));
-                        if frame.is_none() {
-                            *rest = None;
-                        }
-                        Poll::Ready(frame)
-                    }
-                    None => Poll::Ready(None),
-                }
+            ResponseKindProj::Rejoined { held } => {
+                held.as_mut().project().buffered.poll_rejoined(cx)
             }
         }
     }
@@ -482,36 +472,14 @@ impl<B: Body> Body for ResponseBody<B> {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             ResponseKind::Inner { body } => body.is_end_stream(),
-            ResponseKind::Rejoined {
-                prefix,
-                error,
-                rest,
-            } => {
-                prefix.is_empty()
-                    && error.is_none()
-                    && rest.as_ref().is_none_or(|body| body.is_end_stream())
-            }
+            ResponseKind::Rejoined { held } => held.buffered.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             ResponseKind::Inner { body } => body.size_hint(),
-            ResponseKind::Rejoined { prefix, rest, .. } => {
-                let buffered: u64 = prefix
-                    .iter()
-                    .filter_map(|frame| frame.data_ref().map(|d| d.remaining() as u64))
-                    .sum();
-                let rest = rest
-                    .as_ref()
-                    .map_or_else(|| SizeHint::with_exact(0), |body| body.size_hint());
-                let mut hint = SizeHint::new();
-                hint.set_lower(rest.lower().saturating_add(buffered));
-                if let Some(upper) = rest.upper() {
-                    hint.set_upper(upper.saturating_add(buffered));
-                }
-                hint
-            }
+            ResponseKind::Rejoined { held } => held.buffered.size_hint(),
         }
     }
 }
@@ -526,55 +494,142 @@ impl<B: Body> fmt::Debug for ResponseBody<B> {
     }
 }
 
-/// A 401/403 body read up to the limit: its first frames and what is left of it.
-pub(crate) struct Buffered<B: Body> {
-    pub(crate) frames: VecDeque<Frame<B::Data>>,
-    /// The error the body failed with while it was read.
-    pub(crate) error: Option<B::Error>,
-    /// The rest of the stream, `None` once it ended.
-    pub(crate) rest: Option<Pin<Box<B>>>,
-    /// Bytes of data buffered.
-    pub(crate) len: usize,
-    /// The limit was reached before the body ended.
-    pub(crate) overflow: bool,
+pin_project! {
+    /// A 401/403 response the layer holds while it reads, classifies and perhaps retries it:
+    /// the whole error path lives in this one allocation, which becomes the handed-back
+    /// response's body if there is no retry.
+    pub(crate) struct Held<B>
+    where
+        B: Body,
+    {
+        parts: Option<response::Parts>,
+        pub(crate) report: Option<RecoveryReport>,
+        #[pin]
+        pub(crate) buffered: Buffered<B>,
+    }
+}
+
+impl<B: Body> Held<B> {
+    /// Holds a response whose body is to be buffered.
+    pub(crate) fn new(parts: response::Parts, body: B) -> Pin<Box<Self>> {
+        Box::pin(Self {
+            parts: Some(parts),
+            report: None,
+            buffered: Buffered::new(body),
+        })
+    }
+
+    /// The response's head (`None` once handed back).
+    pub(crate) fn parts(&self) -> Option<&response::Parts> {
+        self.parts.as_ref()
+    }
+
+    /// The original response, whole: its head, the buffered frames and the rest of its
+    /// stream, with `report` in its extensions. `None` if it was handed back already.
+    pub(crate) fn hand_back(
+        mut held: Pin<Box<Self>>,
+        report: RecoveryReport,
+    ) -> Option<Response<ResponseBody<B>>> {
+        let parts = held.as_mut().project().parts.take()?;
+        let body = ResponseBody {
+            kind: ResponseKind::Rejoined { held },
+        };
+        let mut response = Response::from_parts(parts, body);
+        response.extensions_mut().insert(report);
+        Some(response)
+    }
+}
+
+/// A frame of `B`, or its error.
+type FrameResult<B> = Result<Frame<<B as Body>::Data>, <B as Body>::Error>;
+
+/// Frames in order: the first one kept apart (most error bodies are one frame) and the others.
+struct Frames<D> {
+    first: Option<Frame<D>>,
+    more: VecDeque<Frame<D>>,
+}
+
+impl<D> Frames<D> {
+    fn push(&mut self, frame: Frame<D>) {
+        if self.first.is_none() && self.more.is_empty() {
+            self.first = Some(frame);
+        } else {
+            self.more.push_back(frame);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Frame<D>> {
+        self.first.take().or_else(|| self.more.pop_front())
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Frame<D>> {
+        self.first.iter().chain(self.more.iter())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.more.is_empty()
+    }
+}
+
+pin_project! {
+    /// A 401/403 body read up to the limit: its first frames and what is left of it.
+    pub(crate) struct Buffered<B>
+    where
+        B: Body,
+    {
+        frames: Frames<B::Data>,
+        // The error the body failed with while it was read.
+        error: Option<B::Error>,
+        // The rest of the stream, `None` once it ended.
+        #[pin]
+        rest: Option<B>,
+        // Bytes of data buffered.
+        len: usize,
+        // The limit was reached before the body ended.
+        overflow: bool,
+    }
 }
 
 impl<B: Body> Buffered<B> {
-    pub(crate) fn new(body: B) -> Self {
+    fn new(body: B) -> Self {
         Self {
-            frames: VecDeque::new(),
+            frames: Frames {
+                first: None,
+                more: VecDeque::new(),
+            },
             error: None,
-            rest: Some(Box::pin(body)),
+            rest: Some(body),
             len: 0,
             overflow: false,
         }
     }
 
     /// Reads frames until the body ends, fails or passes `limit` bytes.
-    pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<()> {
+    pub(crate) fn poll_fill(self: Pin<&mut Self>, cx: &mut Context<'_>, limit: usize) -> Poll<()> {
+        let mut this = self.project();
         loop {
-            let Some(body) = self.rest.as_mut() else {
+            if *this.overflow || this.error.is_some() {
+                return Poll::Ready(());
+            }
+            let Some(body) = this.rest.as_mut().as_pin_mut() else {
                 return Poll::Ready(());
             };
-            if self.overflow || self.error.is_some() {
-                return Poll::Ready(());
-            }
             if body.is_end_stream() {
-                self.rest = None;
+                this.rest.set(None);
                 return Poll::Ready(());
             }
-            match ready!(body.as_mut().poll_frame(cx)) {
+            match ready!(body.poll_frame(cx)) {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
-                        self.len = self.len.saturating_add(data.remaining());
-                        if self.len > limit {
-                            self.overflow = true;
+                        *this.len = this.len.saturating_add(data.remaining());
+                        if *this.len > limit {
+                            *this.overflow = true;
                         }
                     }
-                    self.frames.push_back(frame);
+                    this.frames.push(frame);
                 }
-                Some(Err(error)) => self.error = Some(error),
-                None => self.rest = None,
+                Some(Err(error)) => *this.error = Some(error),
+                None => this.rest.set(None),
             }
         }
     }
@@ -582,6 +637,55 @@ impl<B: Body> Buffered<B> {
     /// Whether the whole body is buffered (it ended, within the limit, without error).
     pub(crate) fn is_complete(&self) -> bool {
         self.rest.is_none() && !self.overflow && self.error.is_none()
+    }
+
+    /// Whether the body stopped being read because it passed the limit.
+    pub(crate) fn overflowed(&self) -> bool {
+        self.overflow
+    }
+
+    /// The buffered frames, then the error the body failed with, then the rest of the stream.
+    fn poll_rejoined(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<FrameResult<B>>> {
+        let mut this = self.project();
+        if let Some(frame) = this.frames.pop() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(error) = this.error.take() {
+            this.rest.set(None);
+            return Poll::Ready(Some(Err(error)));
+        }
+        let Some(body) = this.rest.as_mut().as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(body.poll_frame(cx));
+        if frame.is_none() {
+            this.rest.set(None);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty()
+            && self.error.is_none()
+            && self.rest.as_ref().is_none_or(|body| body.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let buffered: u64 = self
+            .frames
+            .iter()
+            .filter_map(|frame| frame.data_ref().map(|d| d.remaining() as u64))
+            .sum();
+        let rest = self
+            .rest
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |body| body.size_hint());
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(buffered));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(buffered));
+        }
+        hint
     }
 
     /// The buffered data as one slice: borrowed when it is one chunk, copied otherwise.

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use http::header::AUTHORIZATION;
-use http::{response, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower::BoxError;
 use tower_service::Service;
 
-use crate::body::{content_length, Buffered, RequestBody, ResponseBody};
+use crate::body::{content_length, Held, RequestBody, ResponseBody};
 use crate::classify::{Classify, Verdict};
 use crate::layer::Shared;
 use crate::refresh::{Outcome, RefreshReason, Wait};
@@ -45,16 +45,13 @@ pin_project! {
         // The states after the first attempt's are rare: their payloads are boxed, which keeps
         // the future small for the 2xx path (it is moved when it is returned and pinned).
         /// The credential expires soon: waiting for its refresh before the first attempt.
-        Expiring { wait: Wait, request: Option<Box<Request<RequestBody<ReqB>>>> },
+        Expiring { #[pin] wait: Wait, request: Option<Box<Request<RequestBody<ReqB>>>> },
         /// The first attempt.
         First { #[pin] future: F },
         /// Reading a 401/403 body to classify it.
-        Buffering { parts: Option<Box<response::Parts>>, buffered: Option<Buffered<ResB>> },
+        Buffering { held: Option<Pin<Box<Held<ResB>>>> },
         /// Waiting for a newer credential.
-        Refreshing {
-            wait: Wait,
-            original: Option<Box<(response::Parts, Buffered<ResB>, RecoveryReport)>>,
-        },
+        Refreshing { #[pin] wait: Wait, held: Option<Pin<Box<Held<ResB>>>> },
         /// Waiting for the inner service to be ready for the retry.
         RetryReady {
             request: Option<Box<Request<RequestBody<ReqB>>>>,
@@ -150,41 +147,42 @@ where
                         return Poll::Ready(Ok(response));
                     }
                     this.state.set(State::Buffering {
-                        parts: Some(Box::new(parts)),
-                        buffered: Some(Buffered::new(body)),
+                        held: Some(Held::new(parts, body)),
                     });
                 }
-                StateProj::Buffering { parts, buffered } => {
+                StateProj::Buffering { held } => {
                     let limit = this.shared.max_error_body_bytes;
-                    if let Some(buffered) = buffered.as_mut() {
-                        ready!(buffered.poll_fill(cx, limit));
+                    if let Some(held) = held.as_mut() {
+                        ready!(held.as_mut().project().buffered.poll_fill(cx, limit));
                     }
-                    let (Some(parts), Some(buffered)) = (parts.take(), buffered.take()) else {
+                    let Some(mut held) = held.take() else {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(polled_after_completion()));
                     };
-                    let parts = *parts;
-                    match decide(this.shared, this.attempt, &parts, &buffered) {
+                    match decide(this.shared, this.attempt, &held) {
                         Decision::HandBack(report) => {
                             this.state.set(State::Done);
-                            return Poll::Ready(Ok(hand_back(parts, buffered, report)));
+                            return hand_back(held, report);
                         }
                         Decision::Refresh(wait, report) => {
+                            *held.as_mut().project().report = Some(report);
                             this.state.set(State::Refreshing {
                                 wait,
-                                original: Some(Box::new((parts, buffered, report))),
+                                held: Some(held),
                             });
                         }
                     }
                 }
-                StateProj::Refreshing { wait, original } => {
-                    let outcome = ready!(wait.as_mut().poll(cx));
-                    let Some(original) = original.take() else {
+                StateProj::Refreshing { wait, held } => {
+                    let outcome = ready!(wait.poll(cx));
+                    let Some(mut held) = held.take() else {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(polled_after_completion()));
                     };
-                    let (parts, buffered, report) = *original;
-                    let attempt = this.attempt.as_mut();
+                    let Some(report) = held.as_mut().project().report.take() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
                     let (current, refreshed) = match outcome {
                         Outcome::Fresh { current, refreshed } => (current, refreshed),
                         other => {
@@ -196,27 +194,41 @@ where
                             let report = report.skip(skip);
                             tracing::debug!(credential = %report.credential_id(), ?skip, "no retry");
                             this.state.set(State::Done);
-                            return Poll::Ready(Ok(hand_back(parts, buffered, report)));
+                            return hand_back(held, report);
                         }
                     };
                     let report = report.set_refreshed(refreshed);
                     let header = current.header.as_ref().ok().cloned();
-                    let retry = attempt
+                    let retry = this
+                        .attempt
+                        .as_ref()
                         .zip(header)
                         .and_then(|(attempt, header)| attempt.retained.take::<ReqB>(header));
-                    match retry {
-                        Some(request) => {
-                            tracing::debug!(credential = %report.credential_id(), generation = current.generation, refreshed, "retrying with a newer credential");
+                    let Some(request) = retry else {
+                        let report = report.skip(Skip::BodyNotReplayable);
+                        tracing::debug!(credential = %report.credential_id(), "request body not replayable: no retry");
+                        this.state.set(State::Done);
+                        return hand_back(held, report);
+                    };
+                    // The original response is not handed back: let its connection go now.
+                    drop(held);
+                    tracing::debug!(credential = %report.credential_id(), generation = current.generation, refreshed, "retrying with a newer credential");
+                    let report = Some(report.set_retried());
+                    match this.inner.poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {
+                            let future = this.inner.call(request);
+                            this.state.set(State::Retry { future, report });
+                        }
+                        Poll::Ready(Err(error)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
+                        }
+                        Poll::Pending => {
                             this.state.set(State::RetryReady {
                                 request: Some(Box::new(request)),
-                                report: Some(report.set_retried()),
+                                report,
                             });
-                        }
-                        None => {
-                            let report = report.skip(Skip::BodyNotReplayable);
-                            tracing::debug!(credential = %report.credential_id(), "request body not replayable: no retry");
-                            this.state.set(State::Done);
-                            return Poll::Ready(Ok(hand_back(parts, buffered, report)));
+                            return Poll::Pending;
                         }
                     }
                 }
@@ -240,7 +252,7 @@ where
                     return Poll::Ready(Ok(response));
                 }
                 StateProj::Expiring { wait, request } => {
-                    let outcome = ready!(wait.as_mut().poll(cx));
+                    let outcome = ready!(wait.poll(cx));
                     let Some(request) = request.take() else {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(polled_after_completion()));
@@ -302,18 +314,20 @@ enum Decision {
 }
 
 /// Classifies a buffered 401/403 and decides what to do about it.
-fn decide<R, C, B>(
-    shared: &Shared<R, C>,
-    attempt: &Option<Attempt>,
-    parts: &response::Parts,
-    buffered: &Buffered<B>,
-) -> Decision
+fn decide<R, C, B>(shared: &Shared<R, C>, attempt: &Option<Attempt>, held: &Held<B>) -> Decision
 where
     C: Classify,
     B: Body,
 {
+    let (Some(parts), buffered) = (held.parts(), &held.buffered) else {
+        return Decision::HandBack(report(
+            attempt,
+            Verdict::Unrecognized,
+            Skip::ErrorBodyFailed,
+        ));
+    };
     if !buffered.is_complete() {
-        let skip = if buffered.overflow {
+        let skip = if buffered.overflowed() {
             Skip::ErrorBodyTooLarge
         } else {
             Skip::ErrorBodyFailed
@@ -329,18 +343,18 @@ where
         .as_ref()
         .map(Attempt::credential_id)
         .unwrap_or_else(|| Arc::from(""));
-    let report = RecoveryReport::new(verdict.clone(), id);
-    let reason = match verdict {
+    let report = RecoveryReport::new(verdict, id);
+    let reason = match report.verdict() {
         Verdict::StaleToken(reason) => reason,
-        Verdict::Entitlement => {
+        verdict @ Verdict::Entitlement => {
             tracing::warn!(credential = %report.credential_id(), status = %parts.status, ?verdict, "the account has no active Grok subscription: not refreshing");
             return Decision::HandBack(report.skip(Skip::Entitlement));
         }
-        Verdict::Billing => {
+        verdict @ Verdict::Billing => {
             tracing::warn!(credential = %report.credential_id(), status = %parts.status, ?verdict, "the account is out of credits: not refreshing");
             return Decision::HandBack(report.skip(Skip::Billing));
         }
-        _ => {
+        verdict => {
             tracing::debug!(credential = %report.credential_id(), status = %parts.status, ?verdict, "unrecognized: not refreshing");
             return Decision::HandBack(report.skip(Skip::Unrecognized));
         }
@@ -353,7 +367,7 @@ where
     match slot {
         Some((true, slot, generation, failures)) => {
             tracing::debug!(credential = %report.credential_id(), status = %parts.status, reason = ?reason, "stale token: asking for a newer credential");
-            let reason = RefreshReason::StaleToken(reason);
+            let reason = || RefreshReason::StaleToken(reason.clone());
             let wait = shared
                 .refresh
                 .newer_than(&slot, generation, failures, reason);
@@ -380,14 +394,12 @@ fn report(attempt: &Option<Attempt>, verdict: Verdict, skip: Skip) -> RecoveryRe
     RecoveryReport::new(verdict, id).skip(skip)
 }
 
+/// The original response, whole, with `report`.
 fn hand_back<B: Body>(
-    parts: response::Parts,
-    buffered: Buffered<B>,
+    held: Pin<Box<Held<B>>>,
     report: RecoveryReport,
-) -> Response<ResponseBody<B>> {
-    let mut response = Response::from_parts(parts, ResponseBody::rejoined(buffered));
-    response.extensions_mut().insert(report);
-    response
+) -> Poll<Result<Response<ResponseBody<B>>, BoxError>> {
+    Poll::Ready(Held::hand_back(held, report).ok_or_else(polled_after_completion))
 }
 
 fn polled_after_completion() -> BoxError {

@@ -4,10 +4,13 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use pin_project_lite::pin_project;
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
 use tower::util::Oneshot;
 use tower::BoxError;
 use tower_service::Service;
@@ -188,12 +191,96 @@ impl fmt::Debug for Outcome {
 /// Per-credential state behind the slot's lock: the refresh in flight and the budget's log.
 #[derive(Default)]
 pub(crate) struct FlightState {
-    in_flight: Option<watch::Receiver<Option<Outcome>>>,
+    in_flight: Option<Arc<Flight>>,
     spent: Spent,
 }
 
-/// A wait for a refresh outcome; boxed because it only exists on the (rare) refresh path.
-pub(crate) type Wait = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+/// A refresh in flight, as the requests waiting for it share it: its outcome, once it has
+/// one, and their wake-up.
+///
+/// One `Notify` wakes the waiters in the order they began to wait, so a caller that collects
+/// responses in order (`join_all`) gets them in order instead of buffering them.
+#[derive(Default)]
+struct Flight {
+    outcome: OnceLock<Outcome>,
+    done: Arc<Notify>,
+}
+
+impl Flight {
+    /// Records the outcome and wakes every waiter. Only the first outcome counts.
+    fn end(&self, outcome: Outcome) {
+        let _ = self.outcome.set(outcome);
+        self.done.notify_waiters();
+    }
+}
+
+pin_project! {
+    /// A wait for the outcome of a refresh, or an outcome known at once.
+    ///
+    /// Waits take no part in Tokio's cooperative budget: a refresh ends once, for every
+    /// request of the credential at the same moment, and when one task drives thousands of
+    /// them (a `join_all`), budgeted waits would make it yield after a hundred or so and poll
+    /// every other one again at each turn, a cost quadratic in the number of waiting requests.
+    pub(crate) struct Wait {
+        #[pin]
+        state: WaitState,
+    }
+}
+
+pin_project! {
+    #[project = WaitProj]
+    enum WaitState {
+        Ready { outcome: Option<Outcome> },
+        Waiting { flight: Arc<Flight>, #[pin] notified: OwnedNotified },
+    }
+}
+
+impl Wait {
+    fn ready(outcome: Outcome) -> Self {
+        Self {
+            state: WaitState::Ready {
+                outcome: Some(outcome),
+            },
+        }
+    }
+
+    /// Waits for `flight`. The wake-up is registered now, before the outcome is first looked
+    /// at: an outcome sent in between is not missed.
+    fn on(flight: Arc<Flight>) -> Self {
+        let notified = flight.done.clone().notified_owned();
+        Self {
+            state: WaitState::Waiting { flight, notified },
+        }
+    }
+}
+
+impl Future for Wait {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        match self.project().state.project() {
+            WaitProj::Ready { outcome } => Poll::Ready(outcome.take().unwrap_or(Outcome::Failed)),
+            WaitProj::Waiting { flight, notified } => {
+                if let Some(outcome) = flight.outcome.get() {
+                    return Poll::Ready(outcome.clone());
+                }
+                ready!(notified.poll(cx));
+                // The outcome is set before the wake-up; `Failed` only if that ever broke.
+                Poll::Ready(flight.outcome.get().cloned().unwrap_or(Outcome::Failed))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Wait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            WaitState::Ready { .. } => "ready",
+            WaitState::Waiting { .. } => "waiting",
+        };
+        f.debug_struct("Wait").field("state", &state).finish()
+    }
+}
 
 /// A refresher call in progress, its types erased.
 type Refreshing = Pin<Box<dyn Future<Output = Result<Credential, BoxError>> + Send>>;
@@ -251,11 +338,11 @@ impl Refresh {
         slot: &Arc<Slot>,
         used: u64,
         failed: u64,
-        reason: RefreshReason,
+        reason: impl FnOnce() -> RefreshReason,
     ) -> Wait {
         let mut state = slot.flight.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(rx) = &state.in_flight {
-            return waiting(rx.clone());
+        if let Some(flight) = &state.in_flight {
+            return Wait::on(flight.clone());
         }
         let current = slot.load_full();
         if current.generation != used {
@@ -290,33 +377,27 @@ impl Refresh {
             );
             return ready(Outcome::BudgetExhausted);
         }
-        let (tx, rx) = watch::channel(None);
-        state.in_flight = Some(rx.clone());
+        let flight = Arc::new(Flight::default());
+        state.in_flight = Some(flight.clone());
+        let wait = Wait::on(flight.clone());
         drop(state);
 
+        let reason = reason();
         tracing::debug!(credential = %slot.id, generation = current.generation, ?reason, "refreshing credential");
         let request = RefreshRequest::new(current.credential.clone(), reason);
         let guard = Finish {
             slot: slot.clone(),
             credentials: self.credentials.clone(),
             from: current,
-            tx: Some(tx),
+            flight: Some(flight),
         };
         let call = tokio::time::timeout(self.timeout, self.refresher.call(request));
         handle.spawn(async move {
             let result = call.await;
             guard.finish(result);
         });
-        waiting(rx)
+        wait
     }
-}
-
-/// Waits for the outcome outside Tokio's cooperative budget. The wait ends once, for every
-/// request of the credential at the same moment: when one task drives thousands of them (a
-/// `join_all`), budgeted waits would make the task yield after a hundred or so and poll every
-/// other one again at each turn, a cost quadratic in the number of waiting requests.
-fn waiting(rx: watch::Receiver<Option<Outcome>>) -> Wait {
-    Box::pin(tokio::task::unconstrained(wait(rx)))
 }
 
 /// The slot's current credential, as the outcome of a wait that needs no refresh.
@@ -328,20 +409,7 @@ pub(crate) fn current(slot: &Slot) -> Wait {
 }
 
 fn ready(outcome: Outcome) -> Wait {
-    Box::pin(std::future::ready(outcome))
-}
-
-async fn wait(mut rx: watch::Receiver<Option<Outcome>>) -> Outcome {
-    loop {
-        if let Some(outcome) = rx.borrow_and_update().clone() {
-            return outcome;
-        }
-        if rx.changed().await.is_err() {
-            // The refresh task ended without a word: its guard always sends one, so this only
-            // happens when the runtime shuts down under it.
-            return rx.borrow().clone().unwrap_or(Outcome::Failed);
-        }
-    }
+    Wait::ready(outcome)
 }
 
 /// What the refresher's answer amounts to, before it is installed.
@@ -357,7 +425,7 @@ struct Finish {
     slot: Arc<Slot>,
     credentials: Credentials,
     from: Arc<Current>,
-    tx: Option<watch::Sender<Option<Outcome>>>,
+    flight: Option<Arc<Flight>>,
 }
 
 impl Finish {
@@ -390,7 +458,9 @@ impl Finish {
     }
 
     fn send(&mut self, ended: Ended) {
-        let Some(tx) = self.tx.take() else { return };
+        let Some(flight) = self.flight.take() else {
+            return;
+        };
         let id = &self.slot.id;
         let mut state = self
             .slot
@@ -444,14 +514,13 @@ impl Finish {
         };
         state.in_flight = None;
         drop(state);
-        // Nobody waiting is fine.
-        let _ = tx.send(Some(outcome));
+        flight.end(outcome);
     }
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        if self.tx.is_some() {
+        if self.flight.is_some() {
             tracing::warn!(credential = %self.slot.id, "refresh ended without an answer (the refresher panicked or its task was dropped)");
             self.send(Ended::Failed);
         }

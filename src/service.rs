@@ -158,10 +158,9 @@ where
             retained,
         };
         if expiring {
-            let wait =
-                shared
-                    .refresh
-                    .newer_than(slot, generation, failures, RefreshReason::ExpiresSoon);
+            let wait = shared
+                .refresh
+                .newer_than(slot, generation, failures, || RefreshReason::ExpiresSoon);
             return ResponseFuture::expiring(inner, shared, attempt, wait, request);
         }
         ResponseFuture::first(inner, shared, attempt, request)
