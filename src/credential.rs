@@ -295,9 +295,18 @@ fn bearer_header(credential: &Credential) -> Result<HeaderValue, CredentialError
 }
 
 /// One credential's slot: its current state, the refresh in flight and the budget's log.
+/// The serial number of the next slot.
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A holder's cache of a slot's current credential.
+pub(crate) type CurrentCache = arc_swap::Cache<Arc<ArcSwap<Current>>, Arc<Current>>;
+
 pub(crate) struct Slot {
     pub(crate) id: Arc<str>,
-    current: ArcSwap<Current>,
+    /// Tells slots apart for as long as the process runs, even after one is dropped and
+    /// another takes its place in memory.
+    pub(crate) serial: u64,
+    current: Arc<ArcSwap<Current>>,
     pub(crate) flight: Mutex<crate::refresh::FlightState>,
 }
 
@@ -305,7 +314,8 @@ impl Slot {
     fn new(credential: Credential) -> Self {
         Self {
             id: credential.id.clone(),
-            current: ArcSwap::from_pointee(Current::new(credential, 0)),
+            serial: NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            current: Arc::new(ArcSwap::from_pointee(Current::new(credential, 0))),
             flight: Mutex::new(crate::refresh::FlightState::default()),
         }
     }
@@ -317,6 +327,12 @@ impl Slot {
 
     pub(crate) fn load_full(&self) -> Arc<Current> {
         self.current.load_full()
+    }
+
+    /// A cache of the slot's current credential, for one holder: a load through it is one
+    /// relaxed atomic read while the credential has not changed.
+    pub(crate) fn cache(&self) -> CurrentCache {
+        arc_swap::Cache::new(self.current.clone())
     }
 
     /// Installs a new credential, moving the generation on. Call with the flight lock held.

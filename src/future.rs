@@ -139,7 +139,7 @@ where
                     let declared = content_length(&parts.headers);
                     if declared.is_some_and(|len| len > limit) || body.size_hint().lower() > limit {
                         let report =
-                            report(this.attempt, Verdict::Unrecognized, Skip::ErrorBodyTooLarge);
+                            report(this.shared, this.attempt, Verdict::Unrecognized, Skip::ErrorBodyTooLarge);
                         tracing::debug!(credential = %report.credential_id(), status = %parts.status, "error body over the limit: handed back unclassified");
                         this.state.set(State::Done);
                         let mut response = Response::from_parts(parts, ResponseBody::inner(body));
@@ -268,7 +268,7 @@ where
                             attempt.failures = current.failures;
                         }
                     } else if let Some(attempt) = this.attempt.as_ref() {
-                        tracing::debug!(credential = %attempt.credential_id(), ?outcome, "refresh ahead of expiry did not happen: sending with the current token");
+                        tracing::debug!(credential = %attempt.credential_id(this.shared), ?outcome, "refresh ahead of expiry did not happen: sending with the current token");
                     }
                     // `poll_ready` readied `inner` before `call` stored it here.
                     let future = this.inner.call(request);
@@ -321,6 +321,7 @@ where
 {
     let (Some(parts), buffered) = (held.parts(), &held.buffered) else {
         return Decision::HandBack(report(
+            shared,
             attempt,
             Verdict::Unrecognized,
             Skip::ErrorBodyFailed,
@@ -332,7 +333,7 @@ where
         } else {
             Skip::ErrorBodyFailed
         };
-        let report = report(attempt, Verdict::Unrecognized, skip);
+        let report = report(shared, attempt, Verdict::Unrecognized, skip);
         tracing::debug!(credential = %report.credential_id(), status = %parts.status, ?skip, "error body not classified: handed back as it came");
         return Decision::HandBack(report);
     }
@@ -341,7 +342,7 @@ where
         .classify(parts.status, &parts.headers, &buffered.contiguous());
     let id = attempt
         .as_ref()
-        .map(Attempt::credential_id)
+        .map(|attempt| attempt.credential_id(shared))
         .unwrap_or_else(|| Arc::from(""));
     let report = RecoveryReport::new(verdict, id);
     let reason = match report.verdict() {
@@ -361,7 +362,7 @@ where
     };
     let slot = attempt.as_ref().and_then(|attempt| {
         let slot = attempt.slot(shared)?;
-        let same = Arc::ptr_eq(&slot, &attempt.used);
+        let same = slot.serial == attempt.serial;
         Some((same, slot, attempt.generation, attempt.failures))
     });
     match slot {
@@ -386,10 +387,15 @@ where
     }
 }
 
-fn report(attempt: &Option<Attempt>, verdict: Verdict, skip: Skip) -> RecoveryReport {
+fn report<R, C>(
+    shared: &Shared<R, C>,
+    attempt: &Option<Attempt>,
+    verdict: Verdict,
+    skip: Skip,
+) -> RecoveryReport {
     let id = attempt
         .as_ref()
-        .map(Attempt::credential_id)
+        .map(|attempt| attempt.credential_id(shared))
         .unwrap_or_else(|| Arc::from(""));
     RecoveryReport::new(verdict, id).skip(skip)
 }

@@ -14,7 +14,7 @@ use tower_service::Service;
 
 use crate::body::{Plan, RequestBody, ResponseBody, Retained};
 use crate::classify::{Classify, XaiClassifier};
-use crate::credential::{CredentialError, CredentialId, Credentials, Slot};
+use crate::credential::{Current, CurrentCache, CredentialError, CredentialId, Credentials, Slot};
 use crate::future::ResponseFuture;
 use crate::layer::{Settings, Shared};
 use crate::refresh::{RefreshReason, TokenRefresher};
@@ -42,6 +42,9 @@ use crate::refresh::{RefreshReason, TokenRefresher};
 pub struct XaiOAuthRecovery<S, R, C = XaiClassifier> {
     inner: S,
     shared: Arc<Shared<R, C>>,
+    /// The default credential as this service last saw it: checking that it is still current
+    /// is one atomic read.
+    default: CurrentCache,
 }
 
 impl<S, R: TokenRefresher> XaiOAuthRecovery<S, R> {
@@ -55,7 +58,12 @@ impl<S, R: TokenRefresher> XaiOAuthRecovery<S, R> {
 
 impl<S, R, C> XaiOAuthRecovery<S, R, C> {
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared<R, C>>) -> Self {
-        Self { inner, shared }
+        let default = shared.refresh.credentials.default_slot().cache();
+        Self {
+            inner,
+            shared,
+            default,
+        }
     }
 
     /// The inner service.
@@ -84,6 +92,7 @@ impl<S: Clone, R, C> Clone for XaiOAuthRecovery<S, R, C> {
         Self {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            default: self.default.clone(),
         }
     }
 }
@@ -120,13 +129,17 @@ where
         let shared = self.shared.clone();
 
         let named = request.extensions().get::<CredentialId>().cloned();
-        let looked_up;
-        let slot: &Arc<Slot> = match &named {
-            None => shared.refresh.credentials.default_slot(),
+        let (looked_up, guard);
+        let (slot, current): (&Arc<Slot>, &Current) = match &named {
+            None => (
+                shared.refresh.credentials.default_slot(),
+                self.default.load(),
+            ),
             Some(id) => match shared.refresh.credentials.slot(id.as_str()) {
                 Some(slot) => {
                     looked_up = slot;
-                    &looked_up
+                    guard = looked_up.load();
+                    (&looked_up, &guard)
                 }
                 None => {
                     let error = CredentialError::unknown(id.as_str());
@@ -134,7 +147,6 @@ where
                 }
             },
         };
-        let current = slot.load();
         let header = match &current.header {
             Ok(header) => header.clone(),
             Err(error) => return ResponseFuture::failed(inner, shared, error.clone().into()),
@@ -142,7 +154,6 @@ where
         let generation = current.generation;
         let failures = current.failures;
         let expiring = !current.dead && current.expires_within(shared.refresh_ahead);
-        drop(current);
 
         let mut request = request;
         request.headers_mut().insert(AUTHORIZATION, header);
@@ -152,7 +163,7 @@ where
         let request = request.map(|body| RequestBody::first(body, plan, &retained));
         let attempt = Attempt {
             id: named,
-            used: slot.clone(),
+            serial: slot.serial,
             generation,
             failures,
             retained,
@@ -171,8 +182,8 @@ where
 pub(crate) struct Attempt {
     /// The credential the request named, `None` for the default one.
     pub(crate) id: Option<CredentialId>,
-    /// The slot of the credential the request was sent with.
-    pub(crate) used: Arc<Slot>,
+    /// The serial number of the slot of the credential the request was sent with.
+    pub(crate) serial: u64,
     /// The generation of the credential the request was sent with.
     pub(crate) generation: u64,
     /// How many refreshes of that generation had failed when the request was sent.
@@ -192,9 +203,10 @@ impl Attempt {
         }
     }
 
-    pub(crate) fn credential_id(&self) -> Arc<str> {
+    /// The id of the request's credential.
+    pub(crate) fn credential_id<R, C>(&self, shared: &Shared<R, C>) -> Arc<str> {
         match &self.id {
-            None => self.used.id.clone(),
+            None => shared.refresh.credentials.default_slot().id.clone(),
             Some(id) => id.as_arc().clone(),
         }
     }
@@ -203,7 +215,7 @@ impl Attempt {
 impl fmt::Debug for Attempt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Attempt")
-            .field("credential", &self.used.id)
+            .field("credential", &self.id)
             .field("generation", &self.generation)
             .field("retained", &self.retained)
             .finish_non_exhaustive()
