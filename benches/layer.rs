@@ -31,12 +31,10 @@ use estimates::{criterion_dir, estimate};
 use scenarios::{memory, runtime, Happy, Loopback, Recovery, Storm};
 use tokio::runtime::Runtime;
 
-const HAPPY: [&str; 3] = ["bare", "add_authorization", "layer"];
-
 fn happy(c: &mut Criterion) {
     let mut happy = Happy::new();
     let mut group = c.benchmark_group("happy");
-    for (which, name) in HAPPY.iter().enumerate() {
+    for (which, name) in Happy::NAMES.iter().enumerate() {
         group.bench_function(*name, |b| b.iter(|| happy.run(black_box(which))));
     }
     group.finish();
@@ -92,6 +90,7 @@ fn ratios(since: SystemTime) {
     );
     let rows = [
         ("happy", "layer", "add_authorization", "<= 1.25x"),
+        ("happy", "layer", "add_authorization_eager_retry", "<= 1x"),
         ("recovery", "layer", "baseline", "<= +10 us"),
         ("storm", "stale", "plain", "<= 3x"),
         ("storm_tasks", "stale", "plain", "<= 3x"),
@@ -136,8 +135,8 @@ fn main() {
         let allocations = Happy::new().allocations();
         println!();
         println!("happy: heap allocations per request");
-        for (name, n) in HAPPY.iter().zip(allocations) {
-            println!("{name:<18} {n:>6.2}");
+        for (name, n) in Happy::NAMES.iter().zip(allocations) {
+            println!("{name:<30} {n:>6.2}");
         }
         println!();
         println!("memory: peak heap growth (target <= 4 MiB)");

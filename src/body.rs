@@ -268,7 +268,8 @@ pub(crate) struct Tape {
     /// The first chunk, apart: most request bodies are one chunk, kept without allocating.
     first: Option<Bytes>,
     rest: Vec<Bytes>,
-    trailers: Option<HeaderMap>,
+    /// Boxed: rare, and large beside the rest.
+    trailers: Option<Box<HeaderMap>>,
     len: usize,
     limit: usize,
     state: TapeState,
@@ -313,7 +314,7 @@ impl Tape {
 
     fn record_trailers(&mut self, trailers: &HeaderMap) {
         if self.state == TapeState::Recording {
-            self.trailers = Some(trailers.clone());
+            self.trailers = Some(Box::new(trailers.clone()));
         }
     }
 
@@ -390,7 +391,7 @@ impl Retained {
         let body = match (
             tape.first.take(),
             tape.rest.is_empty(),
-            tape.trailers.take(),
+            tape.trailers.take().map(|trailers| *trailers),
         ) {
             (None, _, None) => RequestBody::empty(),
             (chunk, true, None) => RequestBody {

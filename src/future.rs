@@ -138,8 +138,12 @@ where
                     let limit = shared.max_error_body_bytes as u64;
                     let declared = content_length(&parts.headers);
                     if declared.is_some_and(|len| len > limit) || body.size_hint().lower() > limit {
-                        let report =
-                            report(this.shared, this.attempt, Verdict::Unrecognized, Skip::ErrorBodyTooLarge);
+                        let report = report(
+                            this.shared,
+                            this.attempt,
+                            Verdict::Unrecognized,
+                            Skip::ErrorBodyTooLarge,
+                        );
                         tracing::debug!(credential = %report.credential_id(), status = %parts.status, "error body over the limit: handed back unclassified");
                         this.state.set(State::Done);
                         let mut response = Response::from_parts(parts, ResponseBody::inner(body));

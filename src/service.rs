@@ -14,7 +14,7 @@ use tower_service::Service;
 
 use crate::body::{Plan, RequestBody, ResponseBody, Retained};
 use crate::classify::{Classify, XaiClassifier};
-use crate::credential::{Current, CurrentCache, CredentialError, CredentialId, Credentials, Slot};
+use crate::credential::{CredentialError, CredentialId, Credentials, Current, CurrentCache, Slot};
 use crate::future::ResponseFuture;
 use crate::layer::{Settings, Shared};
 use crate::refresh::{RefreshReason, TokenRefresher};
