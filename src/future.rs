@@ -85,6 +85,8 @@ where
         }
     }
 
+    #[cold]
+    #[inline(never)]
     pub(crate) fn expiring(
         inner: S,
         shared: Arc<Shared<R, C>>,
@@ -103,6 +105,8 @@ where
         }
     }
 
+    #[cold]
+    #[inline(never)]
     pub(crate) fn failed(inner: S, shared: Arc<Shared<R, C>>, error: BoxError) -> Self {
         Self {
             state: State::Failed { error: Some(error) },

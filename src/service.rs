@@ -122,7 +122,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
         // Call the instance `poll_ready` readied; keep a clone for the next call.
         let clone = self.inner.clone();
         let inner = mem::replace(&mut self.inner, clone);
@@ -155,7 +155,6 @@ where
         let failures = current.failures;
         let expiring = !current.dead && current.expires_within(shared.refresh_ahead);
 
-        let mut request = request;
         request.headers_mut().insert(AUTHORIZATION, header);
         let limit = shared.max_replay_body_bytes;
         let plan = Plan::of(request.body(), limit);
@@ -169,13 +168,33 @@ where
             retained,
         };
         if expiring {
-            let wait = shared
-                .refresh
-                .newer_than(slot, generation, failures, || RefreshReason::ExpiresSoon);
-            return ResponseFuture::expiring(inner, shared, attempt, wait, request);
+            let slot = Arc::clone(slot);
+            return send_after_refresh(inner, shared, &slot, attempt, request);
         }
         ResponseFuture::first(inner, shared, attempt, request)
     }
+}
+
+/// Waits for the refresh of a credential that expires soon before sending `request`.
+#[cold]
+#[inline(never)]
+fn send_after_refresh<S, ReqB, ResB, R, C>(
+    inner: S,
+    shared: Arc<Shared<R, C>>,
+    slot: &Arc<Slot>,
+    attempt: Attempt,
+    request: Request<RequestBody<ReqB>>,
+) -> ResponseFuture<S, ReqB, ResB, R, C>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    ResB: Body,
+{
+    let wait = shared
+        .refresh
+        .newer_than(slot, attempt.generation, attempt.failures, || {
+            RefreshReason::ExpiresSoon
+        });
+    ResponseFuture::expiring(inner, shared, attempt, wait, request)
 }
 
 /// What a request needs for its one retry.
