@@ -79,9 +79,10 @@ impl Classify for XaiClassifier {
 /// The stale-token signals win over everything below them: a stale token is recoverable, and
 /// once refreshed the next response says whatever else is wrong.
 ///
-/// The body is read as bytes, in one pass, without parsing it as JSON: non-UTF-8, empty,
-/// truncated, HTML or plain-text bodies classify like any other. Nothing is allocated but the
-/// reason of a well-known-error marker.
+/// The body is read as bytes, without parsing it as JSON, in one pass (a second one only when
+/// `grok` is in it and nothing above rule 6 decided): non-UTF-8, empty, truncated, HTML or
+/// plain-text bodies classify like any other. Nothing is allocated but the reason of a
+/// well-known-error marker.
 ///
 /// # Example
 ///
@@ -574,6 +575,108 @@ mod tests {
         ] {
             check(FORBIDDEN, &[], body, Verdict::Unrecognized);
             check(UNAUTHORIZED, &[], body, stale(StaleReason::Unauthorized));
+        }
+    }
+
+    /// `out of available resources` and `does not have permission` are looked for in a second
+    /// pass over the body, only once the first has found `grok` and nothing that decides
+    /// earlier: whichever comes first, in any case, the verdict is the same.
+    #[test]
+    fn rule_6_the_phrases_beside_grok_before_and_after_it() {
+        let invalid_token = [r#"Bearer error="invalid_token""#];
+        let table: [(&str, &[&str], Verdict); 20] = [
+            (
+                "out of available resources, grok",
+                &[],
+                Verdict::Entitlement,
+            ),
+            (
+                "grok: out of available resources",
+                &[],
+                Verdict::Entitlement,
+            ),
+            (
+                "Out Of AVAILABLE Resources (gRoK)",
+                &[],
+                Verdict::Entitlement,
+            ),
+            ("does not have permission: grok", &[], Verdict::Entitlement),
+            ("GROK Does Not Have Permission", &[], Verdict::Entitlement),
+            (
+                "you have no access. grok out of available resources",
+                &[],
+                Verdict::Entitlement,
+            ),
+            (
+                r#"{"error":"out of available resources","model":"grok-4"}"#,
+                &[],
+                Verdict::Entitlement,
+            ),
+            (
+                "does not have permission, out of available resources, grok",
+                &[],
+                Verdict::Entitlement,
+            ),
+            // `grok` without the phrases, or near misses of them.
+            ("grok", &[], Verdict::Unrecognized),
+            (
+                "grok: have patience, capacity available soon",
+                &[],
+                Verdict::Unrecognized,
+            ),
+            ("grok out of available resource", &[], Verdict::Unrecognized),
+            ("grok does not have permissio", &[], Verdict::Unrecognized),
+            (
+                "grok: out of  available resources",
+                &[],
+                Verdict::Unrecognized,
+            ),
+            (
+                "gr ok: out of available resources",
+                &[],
+                Verdict::Unrecognized,
+            ),
+            // The phrases without `grok`.
+            (
+                "progress: out of available resources; does not have permission",
+                &[],
+                Verdict::Unrecognized,
+            ),
+            // What decides before them still does, wherever it is.
+            (
+                "grok out of available resources spending-limit",
+                &[],
+                Verdict::Billing,
+            ),
+            (
+                "grok out of available resources [WKE=unauthenticated:revoked]",
+                &[],
+                wke("revoked"),
+            ),
+            (
+                "does not have permission. oauth2 access token could not be validated. grok",
+                &[],
+                stale(StaleReason::TokenNotValidated),
+            ),
+            (
+                "grok does not have permission",
+                &invalid_token,
+                stale(StaleReason::InvalidToken),
+            ),
+            (
+                "do not have an active grok subscription; does not have permission",
+                &[],
+                Verdict::Entitlement,
+            ),
+        ];
+        for (body, challenges, expected) in table {
+            check(FORBIDDEN, challenges, body, expected.clone());
+            check(FORBIDDEN, challenges, body.to_uppercase(), expected.clone());
+            let expected = match expected {
+                Verdict::Unrecognized => stale(StaleReason::Unauthorized),
+                other => other,
+            };
+            check(UNAUTHORIZED, challenges, body, expected);
         }
     }
 
