@@ -241,6 +241,10 @@ pub(crate) struct Current {
     pub(crate) header: Result<HeaderValue, CredentialError>,
     /// The expiry as a monotonic instant (so that paused time in tests moves it).
     pub(crate) expires: Option<tokio::time::Instant>,
+    /// For a credential a refresh installed: half of the lifetime it came with. The
+    /// refresh-ahead window never exceeds it, so that a token that lives shorter than the
+    /// window is not refreshed again on every request.
+    pub(crate) ahead_cap: Option<Duration>,
     pub(crate) dead: bool,
     /// How many refreshes of this generation failed: a request sent before a failure shares
     /// it instead of asking again.
@@ -262,13 +266,26 @@ impl Current {
             generation,
             header,
             expires,
+            ahead_cap: None,
             dead: false,
             failures: 0,
         }
     }
 
-    /// Whether the access token expires within `ahead` from now.
+    /// A credential a refresh returned: its refresh-ahead window is at most half of the
+    /// lifetime it came with.
+    fn refreshed(credential: Credential, generation: u64) -> Self {
+        let mut current = Self::new(credential, generation);
+        current.ahead_cap = current
+            .expires
+            .map(|expires| expires.saturating_duration_since(tokio::time::Instant::now()) / 2);
+        current
+    }
+
+    /// Whether the access token expires within `ahead` from now (within half of its lifetime
+    /// if a refresh installed it and it lives shorter than twice `ahead`).
     pub(crate) fn expires_within(&self, ahead: Duration) -> bool {
+        let ahead = self.ahead_cap.map_or(ahead, |cap| cap.min(ahead));
         match self.expires {
             Some(expires) => tokio::time::Instant::now()
                 .checked_add(ahead)
@@ -352,7 +369,7 @@ impl Slot {
     ) -> Result<Arc<Current>, CredentialError> {
         credential.set_id(self.id.clone());
         let generation = self.current.load().generation + 1;
-        let current = Current::new(credential, generation);
+        let current = Current::refreshed(credential, generation);
         if let Err(error) = &current.header {
             return Err(error.clone());
         }
@@ -369,6 +386,7 @@ impl Slot {
             generation: old.generation,
             header: old.header.clone(),
             expires: old.expires,
+            ahead_cap: old.ahead_cap,
             dead: true,
             failures: old.failures,
         };
@@ -383,6 +401,7 @@ impl Slot {
             generation: old.generation,
             header: old.header.clone(),
             expires: old.expires,
+            ahead_cap: old.ahead_cap,
             dead: old.dead,
             failures: old.failures + 1,
         };
@@ -640,5 +659,36 @@ mod tests {
             0,
         );
         assert!(past.expires_within(Duration::ZERO));
+    }
+
+    /// A refreshed token that lives two minutes is refreshed ahead in its last minute, not
+    /// at once because the window is five minutes; an inserted one keeps the whole window.
+    #[tokio::test(start_paused = true)]
+    async fn a_refreshed_token_shorter_than_the_window_keeps_half_its_life() {
+        let credential = || {
+            Credential::new("a", "t").with_expires_at(SystemTime::now() + Duration::from_secs(120))
+        };
+        let window = Duration::from_secs(300);
+        let inserted = Current::new(credential(), 1);
+        assert!(inserted.expires_within(window));
+        let refreshed = Current::refreshed(credential(), 1);
+        assert!(!refreshed.expires_within(window));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(refreshed.expires_within(window));
+        // A long-lived refreshed token keeps the whole window.
+        let long = Current::refreshed(
+            Credential::new("a", "t")
+                .with_expires_at(SystemTime::now() + Duration::from_secs(3600)),
+            1,
+        );
+        assert!(!long.expires_within(window));
+        tokio::time::advance(Duration::from_secs(3600 - 299)).await;
+        assert!(long.expires_within(window));
+        // An already expired one is refreshed whatever its cap.
+        let expired = Current::refreshed(
+            Credential::new("a", "t").with_expires_at(SystemTime::UNIX_EPOCH),
+            1,
+        );
+        assert!(expired.expires_within(window));
     }
 }

@@ -146,6 +146,10 @@ macro_rules! settings_builders {
 
         /// Refresh a credential before sending a request when its access token expires within
         /// this window (default: 5 minutes). A zero window refreshes only tokens already expired.
+        ///
+        /// A token that a refresh returned uses at most half of the lifetime it came with as its
+        /// window: one that lives shorter than twice the window is used for the first half of
+        /// its life and refreshed in the second, instead of being refreshed on every request.
         pub fn refresh_ahead(self, ahead: ::std::time::Duration) -> Self {
             self.map_settings(|settings| settings.refresh_ahead = ahead)
         }

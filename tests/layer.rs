@@ -660,6 +660,54 @@ async fn credentials_about_to_expire_are_refreshed_before_the_request() {
     );
 }
 
+/// The token endpoint hands out tokens that live two minutes, shorter than the five-minute
+/// refresh-ahead window: each refreshed token is used for the first half of its life and
+/// refreshed in the second, not refreshed again on every request.
+#[tokio::test(start_paused = true)]
+async fn tokens_that_live_shorter_than_the_window_are_not_refreshed_on_every_request() {
+    let api = MockApi::new();
+    for n in 1..=3 {
+        api.answer(&format!("short-{n}"), Answer::Ok);
+    }
+    api.answer("old", Answer::Ok);
+    let credentials = Credentials::new(
+        Credential::new("default", "old")
+            .with_expires_at(SystemTime::now() + Duration::from_secs(60)),
+    );
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let refresher = tower::service_fn(move |req: xai_oauth_recovery::RefreshRequest| {
+        let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        async move {
+            Ok::<_, BoxError>(
+                Credential::new(req.stale().id(), format!("short-{n}"))
+                    .with_expires_at(SystemTime::now() + Duration::from_secs(120)),
+            )
+        }
+    });
+    let mut svc = XaiOAuthRecoveryLayer::new(credentials.clone(), refresher)
+        .refresh_budget(RefreshBudget::new(100, Duration::from_secs(300)))
+        .layer(api.clone());
+
+    // One minute left of a five-minute window: refreshed before the first request.
+    for _ in 0..5 {
+        let response = svc.ready().await.unwrap().call(request("a")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Half of the new token's two minutes gone: refreshed once more, then used again.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    for _ in 0..5 {
+        let response = svc.ready().await.unwrap().call(request("b")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let seen = tokens_seen(&api.seen());
+    assert_eq!(seen.iter().filter(|t| *t == "Bearer short-1").count(), 5);
+    assert_eq!(seen.iter().filter(|t| *t == "Bearer short-2").count(), 5);
+    assert!(!seen.iter().any(|t| t == "Bearer old"), "{seen:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failed_refresh_ahead_sends_the_request_with_the_current_token() {
     let api = MockApi::new();
