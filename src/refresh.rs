@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::mem;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{ready, Context, Poll};
@@ -193,6 +194,9 @@ impl fmt::Debug for Outcome {
 pub(crate) struct FlightState {
     in_flight: Option<Arc<Flight>>,
     spent: Spent,
+    /// The budget's exhaustion was logged at WARN: until it allows a refresh again, the
+    /// requests it turns away log at DEBUG.
+    exhaustion_warned: bool,
 }
 
 /// A refresh in flight, as the requests waiting for it share it: its outcome, once it has
@@ -369,14 +373,19 @@ impl Refresh {
             .spent
             .try_spend(&self.budget, tokio::time::Instant::now())
         {
-            tracing::warn!(
-                credential = %slot.id,
-                max_refreshes = self.budget.max_refreshes(),
-                window = ?self.budget.window(),
-                "refresh budget exhausted: not refreshing"
-            );
+            if mem::replace(&mut state.exhaustion_warned, true) {
+                tracing::debug!(credential = %slot.id, "refresh budget still exhausted: not refreshing");
+            } else {
+                tracing::warn!(
+                    credential = %slot.id,
+                    max_refreshes = self.budget.max_refreshes(),
+                    window = ?self.budget.window(),
+                    "refresh budget exhausted: not refreshing (logged once until the budget allows a refresh)"
+                );
+            }
             return ready(Outcome::BudgetExhausted);
         }
+        state.exhaustion_warned = false;
         let flight = Arc::new(Flight::default());
         state.in_flight = Some(flight.clone());
         let wait = Wait::on(flight.clone());

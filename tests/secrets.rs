@@ -465,3 +465,38 @@ async fn debug_and_display_of_every_public_type_redact_secrets() {
     assert!(shown[13].contains("Sensitive"), "{}", shown[13]);
     assert_no_secret(&captured.text(), &secrets, "tracing output");
 }
+
+/// A spent budget is logged at WARN once, not once for every request it turns away; when the
+/// budget allows a refresh again and runs out again, that is logged again.
+#[tokio::test(start_paused = true)]
+async fn a_spent_budget_warns_once_per_exhaustion() {
+    let captured = captured();
+    // Every token is stale: each request asks for a refresh.
+    let api = MockApi::new();
+    let credentials = Credentials::new(Credential::new("budget-logger", "old"));
+    let refresher = Refresher::new();
+    let mut svc = XaiOAuthRecoveryLayer::new(credentials, refresher.clone())
+        .refresh_budget(RefreshBudget::new(1, Duration::from_secs(300)))
+        .layer(api);
+    let warnings = || {
+        captured
+            .text()
+            .lines()
+            .filter(|line| {
+                line.contains("WARN")
+                    && line.contains("budget-logger")
+                    && line.contains("refresh budget exhausted")
+            })
+            .count()
+    };
+
+    for round in 1..=2 {
+        for _ in 0..10 {
+            let response = svc.ready().await.unwrap().call(request("x")).await.unwrap();
+            assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        }
+        assert_eq!(refresher.calls(), round);
+        assert_eq!(warnings(), round);
+        tokio::time::advance(Duration::from_secs(301)).await;
+    }
+}
