@@ -206,12 +206,17 @@ where
                         }
                     };
                     let report = report.set_refreshed(refreshed);
-                    let header = current.header.as_ref().ok().cloned();
+                    let Ok(header) = &current.header else {
+                        // A credential inserted meanwhile holds a token no header can carry.
+                        let report = report.skip(Skip::RefreshFailed);
+                        tracing::debug!(credential = %report.credential_id(), "the current credential's token is not a valid header value: no retry");
+                        this.state.set(State::Done);
+                        return hand_back(held, report);
+                    };
                     let retry = this
                         .attempt
                         .as_ref()
-                        .zip(header)
-                        .and_then(|(attempt, header)| attempt.retained.take::<ReqB>(header));
+                        .and_then(|attempt| attempt.retained.take::<ReqB>(header.clone()));
                     let Some(request) = retry else {
                         let report = report.skip(Skip::BodyNotReplayable);
                         tracing::debug!(credential = %report.credential_id(), "request body not replayable: no retry");

@@ -780,6 +780,44 @@ async fn an_unknown_credential_or_an_invalid_token_is_an_error_value() {
     assert_eq!(api.calls(), 0);
 }
 
+/// While a stale request waits for its refresh, the application inserts a credential whose
+/// token cannot be a header value. The insert wins over the refresh, so there is nothing to
+/// retry with: the original 403 comes back whole, reported as a failed refresh (not as a body
+/// that could not be replayed), and the next request is an error value.
+#[tokio::test]
+async fn an_invalid_token_inserted_during_a_refresh_hands_back_the_403_as_a_failed_refresh() {
+    let api = MockApi::new();
+    let credentials = Credentials::new(Credential::new("default", "old"));
+    let creds = credentials.clone();
+    let refresher = tower::service_fn(move |req: xai_oauth_recovery::RefreshRequest| {
+        creds.insert(Credential::new("default", "line\nbreak"));
+        async move { Ok::<_, BoxError>(Credential::new(req.stale().id(), "fresh")) }
+    });
+    api.answer("fresh", Answer::Ok);
+    let mut svc = XaiOAuthRecoveryLayer::new(credentials.clone(), refresher).layer(api.clone());
+
+    let response = svc.ready().await.unwrap().call(request("x")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let report = report(&response).unwrap();
+    assert_eq!(report.skipped(), Some(&Skip::RefreshFailed));
+    let (data, _, _) = read_all(response.into_body()).await;
+    assert_eq!(data, STALE_403.as_bytes());
+    assert_eq!(api.calls(), 1);
+
+    let error = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request("y"))
+        .await
+        .unwrap_err();
+    let error = error
+        .downcast_ref::<xai_oauth_recovery::CredentialError>()
+        .unwrap();
+    assert!(error.is_invalid_token());
+    assert_eq!(api.calls(), 1);
+}
+
 type MockRequest = Request<xai_oauth_recovery::body::RequestBody<TestBody>>;
 
 /// Takes the next request from a tower-test mock, reading its body as a server would.
