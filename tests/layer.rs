@@ -760,17 +760,7 @@ async fn an_unknown_credential_or_an_invalid_token_is_an_error_value() {
     let api = MockApi::new();
     let credentials = Credentials::new(Credential::new("default", "line\nbreak"));
     let mut svc = stack(&api, &credentials, &Refresher::new());
-    let error = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request("x"))
-        .await
-        .unwrap_err();
-    let error = error
-        .downcast_ref::<xai_oauth_recovery::CredentialError>()
-        .unwrap();
-    assert!(error.is_invalid_token());
+    let error = invalid_token_error(&mut svc).await;
     assert!(!error.to_string().contains("line"));
 
     let mut req = request("x");
@@ -804,18 +794,28 @@ async fn an_invalid_token_inserted_during_a_refresh_hands_back_the_403_as_a_fail
     assert_eq!(data, STALE_403.as_bytes());
     assert_eq!(api.calls(), 1);
 
+    invalid_token_error(&mut svc).await;
+    assert_eq!(api.calls(), 1);
+}
+
+/// Sends a request that must fail before it is sent, with an invalid-token error value.
+async fn invalid_token_error<S>(svc: &mut S) -> Box<xai_oauth_recovery::CredentialError>
+where
+    S: Service<Request<TestBody>, Error = BoxError>,
+    S::Response: std::fmt::Debug,
+{
     let error = svc
         .ready()
         .await
         .unwrap()
-        .call(request("y"))
+        .call(request("x"))
         .await
         .unwrap_err();
     let error = error
-        .downcast_ref::<xai_oauth_recovery::CredentialError>()
+        .downcast::<xai_oauth_recovery::CredentialError>()
         .unwrap();
     assert!(error.is_invalid_token());
-    assert_eq!(api.calls(), 1);
+    error
 }
 
 type MockRequest = Request<xai_oauth_recovery::body::RequestBody<TestBody>>;
