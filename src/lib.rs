@@ -67,8 +67,9 @@
 //! # The request's path
 //!
 //! 1. The credential is the one named by a [`CredentialId`] extension, else the default one. If
-//!    it is known to expire within the refresh-ahead window (default 5 minutes), it is
-//!    refreshed first, through the same single flight and budget.
+//!    it is known to expire within the refresh-ahead window (default 5 minutes; for a token a
+//!    refresh returned, at most half of the lifetime it came with), it is refreshed first,
+//!    through the same single flight and budget.
 //! 2. `Authorization: Bearer <token>` (marked sensitive) replaces any the caller set, and the
 //!    request goes to the inner service while its body is recorded for one replay.
 //! 3. Any status but 401/403 comes back untouched, its body streaming.
