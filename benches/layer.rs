@@ -91,6 +91,8 @@ fn ratios(since: SystemTime) {
     let rows = [
         ("happy", "layer", "add_authorization", "<= 1.25x"),
         ("happy", "layer", "add_authorization_eager_retry", "<= 1x"),
+        ("happy", "replay_floor", "add_authorization", "(baseline)"),
+        ("happy", "layer", "replay_floor", "(baseline)"),
         ("recovery", "layer", "baseline", "<= +10 us"),
         ("storm", "stale", "plain", "<= 3x"),
         ("storm_tasks", "stale", "plain", "<= 3x"),
