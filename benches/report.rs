@@ -125,45 +125,38 @@ fn main() {
             black_box(happy.run(which));
         }
     });
-    let times = format!("layer {layer:.0} ns, AddAuthorization {auth:.0} ns, bare {bare:.0} ns");
-    row(
-        "happy",
-        "layer/AddAuthorization".into(),
-        times,
-        layer / auth,
-        "x",
-        Target::AtMost(1.25),
-    );
-    // DESIGN: an eager `clone_request` retry is what the layer must not pay on the 2xx path.
-    let times = format!("layer {layer:.0} ns, AddAuthorization + tower retry {eager:.0} ns");
-    row(
-        "happy",
-        "layer/(AddAuthorization + eager retry)".into(),
-        times,
-        layer / eager,
-        "x",
-        Target::AtMost(1.0),
-    );
-    // What the 2xx target asks of any design that can replay a streaming body: shown beside
-    // the target, not checked (it is a baseline, not the crate).
-    let times = format!("replay floor {floor:.0} ns, AddAuthorization {auth:.0} ns");
-    row(
-        "happy",
-        "replay floor/AddAuthorization".into(),
-        times,
-        floor / auth,
-        "x",
-        Target::Aim(1.25),
-    );
-    let times = format!("layer {layer:.0} ns, replay floor {floor:.0} ns");
-    row(
-        "happy",
-        "layer/replay floor".into(),
-        times,
-        layer / floor,
-        "x",
-        Target::Aim(1.0),
-    );
+    let ratios = [
+        (
+            "layer/AddAuthorization",
+            format!("layer {layer:.0} ns, AddAuthorization {auth:.0} ns, bare {bare:.0} ns"),
+            layer / auth,
+            Target::AtMost(1.25),
+        ),
+        // DESIGN: an eager `clone_request` retry is what the layer must not pay on the 2xx path.
+        (
+            "layer/(AddAuthorization + eager retry)",
+            format!("layer {layer:.0} ns, AddAuthorization + tower retry {eager:.0} ns"),
+            layer / eager,
+            Target::AtMost(1.0),
+        ),
+        // What the 2xx target asks of any design that can replay a streaming body: shown beside
+        // the target, not checked (it is a baseline, not the crate).
+        (
+            "replay floor/AddAuthorization",
+            format!("replay floor {floor:.0} ns, AddAuthorization {auth:.0} ns"),
+            floor / auth,
+            Target::Aim(1.25),
+        ),
+        (
+            "layer/replay floor",
+            format!("layer {layer:.0} ns, replay floor {floor:.0} ns"),
+            layer / floor,
+            Target::Aim(1.0),
+        ),
+    ];
+    for (what, times, ratio, target) in ratios {
+        row("happy", what.into(), times, ratio, "x", target);
+    }
     let [bare, auth, layer, eager, floor] = happy.allocations();
     let counts = format!(
         "layer {layer:.2}, AddAuthorization {auth:.2}, bare {bare:.2}, eager retry {eager:.2}, replay floor {floor:.2}"
