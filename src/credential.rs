@@ -235,6 +235,7 @@ impl std::error::Error for CredentialError {}
 
 /// The state of one credential as the layer sees it: the credential, its generation and the
 /// ready-made `Authorization` header value.
+#[derive(Clone)]
 pub(crate) struct Current {
     pub(crate) credential: Credential,
     pub(crate) generation: u64,
@@ -382,13 +383,8 @@ impl Slot {
     pub(crate) fn mark_dead(&self) {
         let old = self.current.load_full();
         let dead = Current {
-            credential: old.credential.clone(),
-            generation: old.generation,
-            header: old.header.clone(),
-            expires: old.expires,
-            ahead_cap: old.ahead_cap,
             dead: true,
-            failures: old.failures,
+            ..Current::clone(&old)
         };
         self.current.store(Arc::new(dead));
     }
@@ -397,13 +393,8 @@ impl Slot {
     pub(crate) fn mark_failed(&self) {
         let old = self.current.load_full();
         let failed = Current {
-            credential: old.credential.clone(),
-            generation: old.generation,
-            header: old.header.clone(),
-            expires: old.expires,
-            ahead_cap: old.ahead_cap,
-            dead: old.dead,
             failures: old.failures + 1,
+            ..Current::clone(&old)
         };
         self.current.store(Arc::new(failed));
     }

@@ -168,6 +168,7 @@ where
             retained,
         };
         if expiring {
+            // `slot` may borrow from `shared`, which moves into the future.
             let slot = Arc::clone(slot);
             return send_after_refresh(inner, shared, &slot, attempt, request);
         }

@@ -2,6 +2,8 @@
 
 mod support;
 
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -10,8 +12,8 @@ use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use support::*;
 use tower::{BoxError, Layer, Service, ServiceExt};
 use xai_oauth_recovery::{
-    Credential, CredentialId, Credentials, RecoveryReport, RefreshBudget, Skip, StaleReason,
-    Verdict, XaiOAuthRecoveryLayer,
+    Credential, CredentialId, Credentials, RecoveryReport, RefreshBudget, RefreshRequest, Skip,
+    StaleReason, Verdict, XaiOAuthRecoveryLayer,
 };
 
 fn stack(
@@ -24,6 +26,30 @@ fn stack(
 
 fn report<B>(response: &http::Response<B>) -> Option<RecoveryReport> {
     response.extensions().get::<RecoveryReport>().cloned()
+}
+
+/// A refresher made of `answer`, which gets each call's number (from 1), and the count of its
+/// calls, readable while the refresher is in the layer.
+fn counted_refresher<F, Fut>(
+    answer: F,
+) -> (
+    Arc<AtomicUsize>,
+    impl Service<RefreshRequest, Response = Credential, Error = BoxError, Future = Fut>
+        + Clone
+        + Send
+        + 'static,
+)
+where
+    F: Fn(usize, RefreshRequest) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Credential, BoxError>> + Send + 'static,
+{
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let refresher = tower::service_fn(move |request| {
+        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+        answer(n, request)
+    });
+    (calls, refresher)
 }
 
 #[tokio::test]
@@ -528,10 +554,7 @@ async fn cancelling_the_request_that_started_a_refresh_neither_cancels_it_nor_st
     let credentials = Credentials::new(Credential::new("default", "old"));
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
     let release_rx = Arc::new(tokio::sync::Mutex::new(Some(release_rx)));
-    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let calls2 = calls.clone();
-    let refresher = tower::service_fn(move |req: xai_oauth_recovery::RefreshRequest| {
-        calls2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let (calls, refresher) = counted_refresher(move |_, req: RefreshRequest| {
         let release_rx = release_rx.clone();
         async move {
             if let Some(rx) = release_rx.lock().await.take() {
@@ -546,7 +569,7 @@ async fn cancelling_the_request_that_started_a_refresh_neither_cancels_it_nor_st
     let mut first = svc.clone();
     let first_task =
         tokio::spawn(async move { first.ready().await.unwrap().call(request("first")).await });
-    while calls.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+    while calls.load(Ordering::SeqCst) == 0 {
         tokio::task::yield_now().await;
     }
     first_task.abort();
@@ -562,7 +585,7 @@ async fn cancelling_the_request_that_started_a_refresh_neither_cancels_it_nor_st
     release_tx.send(()).unwrap();
     let response = second_task.await.unwrap().unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(
         credentials.default_credential().access_token().secret(),
         "default-fresh-1"
@@ -675,16 +698,11 @@ async fn tokens_that_live_shorter_than_the_window_are_not_refreshed_on_every_req
         Credential::new("default", "old")
             .with_expires_at(SystemTime::now() + Duration::from_secs(60)),
     );
-    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = calls.clone();
-    let refresher = tower::service_fn(move |req: xai_oauth_recovery::RefreshRequest| {
-        let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        async move {
-            Ok::<_, BoxError>(
-                Credential::new(req.stale().id(), format!("short-{n}"))
-                    .with_expires_at(SystemTime::now() + Duration::from_secs(120)),
-            )
-        }
+    let (calls, refresher) = counted_refresher(|n, req: RefreshRequest| async move {
+        Ok::<_, BoxError>(
+            Credential::new(req.stale().id(), format!("short-{n}"))
+                .with_expires_at(SystemTime::now() + Duration::from_secs(120)),
+        )
     });
     let mut svc = XaiOAuthRecoveryLayer::new(credentials.clone(), refresher)
         .refresh_budget(RefreshBudget::new(100, Duration::from_secs(300)))
@@ -695,14 +713,14 @@ async fn tokens_that_live_shorter_than_the_window_are_not_refreshed_on_every_req
         let response = svc.ready().await.unwrap().call(request("a")).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
     }
-    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
     // Half of the new token's two minutes gone: refreshed once more, then used again.
     tokio::time::advance(Duration::from_secs(61)).await;
     for _ in 0..5 {
         let response = svc.ready().await.unwrap().call(request("b")).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
     }
-    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
     let seen = tokens_seen(&api.seen());
     assert_eq!(seen.iter().filter(|t| *t == "Bearer short-1").count(), 5);
     assert_eq!(seen.iter().filter(|t| *t == "Bearer short-2").count(), 5);
@@ -780,10 +798,7 @@ async fn an_invalid_token_inserted_during_a_refresh_hands_back_the_403_as_a_fail
     let api = MockApi::new();
     let credentials = Credentials::new(Credential::new("default", "old"));
     let creds = credentials.clone();
-    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = calls.clone();
-    let refresher = tower::service_fn(move |req: xai_oauth_recovery::RefreshRequest| {
-        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let (calls, refresher) = counted_refresher(move |_, req: RefreshRequest| {
         creds.insert(Credential::new("default", "line\nbreak"));
         async move { Ok::<_, BoxError>(Credential::new(req.stale().id(), "fresh")) }
     });
@@ -797,12 +812,12 @@ async fn an_invalid_token_inserted_during_a_refresh_hands_back_the_403_as_a_fail
     let (data, _, _) = read_all(response.into_body()).await;
     assert_eq!(data, STALE_403.as_bytes());
     assert_eq!(api.calls(), 1);
-    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 
     // The unusable token is never sent, and it is not refreshed on a guess.
     invalid_token_error(&mut svc).await;
     assert_eq!(api.calls(), 1);
-    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
 /// Sends a request that must fail before it is sent, with an invalid-token error value.
@@ -935,7 +950,7 @@ async fn service_fn_refresher_and_spawned_futures_compile_and_work() {
     let api = MockApi::new();
     api.answer("new", Answer::Ok);
     let credentials = Credentials::new(Credential::new("default", "old"));
-    let refresher = tower::service_fn(|req: xai_oauth_recovery::RefreshRequest| async move {
+    let refresher = tower::service_fn(|req: RefreshRequest| async move {
         Ok::<_, BoxError>(Credential::new(req.stale().id(), "new"))
     });
     let svc = tower::ServiceBuilder::new()
@@ -961,7 +976,7 @@ async fn refreshers_holding_dyn_types_work_in_spawned_requests() {
     api.answer("default-fresh-1", Answer::Ok);
 
     // A closure returning a boxed future.
-    let boxed = tower::service_fn(|req: xai_oauth_recovery::RefreshRequest| -> Boxed {
+    let boxed = tower::service_fn(|req: RefreshRequest| -> Boxed {
         Box::pin(async move { Ok(Credential::new(req.stale().id(), "new")) })
     });
     let svc =
@@ -972,7 +987,7 @@ async fn refreshers_holding_dyn_types_work_in_spawned_requests() {
 
     // A closure that wraps another refresher (to log or persist what it hands out).
     let inner = Refresher::new();
-    let wrapping = tower::service_fn(move |req: xai_oauth_recovery::RefreshRequest| {
+    let wrapping = tower::service_fn(move |req: RefreshRequest| {
         let mut inner = inner.clone();
         async move {
             let credential = inner.ready().await?.call(req).await?;

@@ -405,17 +405,13 @@ impl Recovery {
         let credentials = Credentials::new(Credential::new("default", STALE));
         let refresher = Refresher::default();
         let layer = layered(Inner, &credentials, &refresher);
-        let header = |token: &str| {
-            HeaderValue::from_str(&format!("Bearer {token}"))
-                .unwrap_or_else(|error| panic!("header: {error}"))
-        };
         Self {
             uri: uri(),
             credentials,
             refresher,
             layer,
-            stale_header: header(STALE),
-            fresh_header: header(TOKEN),
+            stale_header: sensitive_bearer(STALE),
+            fresh_header: sensitive_bearer(TOKEN),
         }
     }
 
@@ -548,9 +544,7 @@ impl Loopback {
             .await
             .unwrap_or_else(|error| panic!("mock: {error}"));
         let credential = xai.sign_in("alice", Account::Subscribed);
-        let header =
-            HeaderValue::from_str(&format!("Bearer {}", credential.access_token().secret()))
-                .unwrap_or_else(|error| panic!("header: {error}"));
+        let header = sensitive_bearer(credential.access_token().secret());
         let plain = Client::builder(TokioExecutor::new()).build_http();
         let api = Client::builder(TokioExecutor::new()).build_http();
         let layer = layered(api, &Credentials::new(credential), &Refresher::default());
